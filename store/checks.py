@@ -1,0 +1,222 @@
+"""Compatibility check, verification, summary and statistics of a label store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .labelstore import LabelStore
+from .schema import (
+    REASONS,
+    REQUIRED_ATTRS,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_MISSING,
+    StoreMismatchError,
+)
+from .topk import decode_topk
+
+
+def get_attr(attrs: dict[str, Any], dotted: str) -> Any:
+    """Value at a dotted path of the attribute tree; KeyError naming the path when absent."""
+    node: Any = attrs
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_compatible(attrs: dict[str, Any], expected: dict[str, Any], store_name: str = "label store") -> None:
+    """Raise :class:`StoreMismatchError` naming every field of ``expected`` (dotted attribute paths,
+    e.g. ``"vocabulary.sha256"``, ``"grid.spec"``, ``"encoding.topk"``, ``"teacher.model"``) whose value
+    in ``attrs`` differs, with both values."""
+    problems = []
+    for field, want in expected.items():
+        try:
+            have = get_attr(attrs, field)
+        except KeyError:
+            problems.append(f"{field}: store has no such attribute, run expects {_short(want)}")
+            continue
+        if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)):
+            same = np.array_equal(np.asarray(have, dtype=object), np.asarray(want, dtype=object)) \
+                if len(have) == len(want) else False
+        else:
+            same = have == want
+        if not same:
+            problems.append(f"{field}: store has {_short(have)}, run expects {_short(want)}")
+    if problems:
+        raise StoreMismatchError(f"{store_name} does not match this run: " + "; ".join(problems))
+
+
+def store_bytes(path: Path) -> int:
+    """Bytes of all files under a store (what it costs on disk)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """Attributes (minus the long class list), shapes and row counts."""
+    store = LabelStore.open(path, "r")
+    status = store.group["rows/status"][:]
+    attrs = dict(store.attrs)
+    vocab = dict(attrs.get("vocabulary", {}))
+    names = vocab.pop("names", [])
+    vocab["num_names"] = len(names)
+    attrs["vocabulary"] = vocab
+    grid = dict(attrs.get("grid", {}))
+    grid["num_boxes"] = len(grid.pop("boxes", []))
+    attrs["grid"] = grid
+    done = store.shards_done()
+    info = {
+        "path": str(path),
+        "attributes": attrs,
+        "arrays": {name: list(arr.shape) for name, arr in _iter_arrays(store.group)},
+        "shards": {"total": int(len(done)), "done": int(done.sum())},
+        "rows": {
+            "done": int((status == STATUS_DONE).sum()),
+            "failed": int((status == STATUS_FAILED).sum()),
+            "missing": int((status == STATUS_MISSING).sum()),
+        },
+        "failed_by_reason": _reason_counts(store),
+        "bytes_on_disk": store_bytes(store.path),
+    }
+    if "objects" in store.group:
+        ostatus = store.group["objects/status"][:]
+        info["objects"] = {"num_objects": store.group["objects"].attrs["num_objects"],
+                           "done": int((ostatus == STATUS_DONE).sum())}
+    return info
+
+
+def _iter_arrays(group, prefix=""):
+    for name, member in sorted(group.members()):
+        if hasattr(member, "shape"):
+            yield prefix + name, member
+        else:
+            yield from _iter_arrays(member, prefix + name + "/")
+
+
+def _reason_counts(store: LabelStore) -> dict[str, int]:
+    status = store.group["rows/status"][:]
+    reasons = store.group["rows/reason"][:][status == STATUS_FAILED]
+    codes, counts = np.unique(reasons, return_counts=True)
+    return {REASONS.get(int(c), f"code{int(c)}"): int(n) for c, n in zip(codes, counts)}
+
+
+def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
+    """List every inconsistency found (empty list = the store is sound)."""
+    store = LabelStore.open(path, "r")
+    problems: list[str] = []
+    for dotted in REQUIRED_ATTRS:
+        try:
+            get_attr(store.attrs, dotted)
+        except KeyError:
+            problems.append(f"attribute {dotted} is absent")
+    lay = store.layout
+    try:
+        if len(get_attr(store.attrs, "grid.boxes")) != lay.num_crops:
+            problems.append("grid.boxes does not have layout.num_crops boxes")
+        if len(get_attr(store.attrs, "vocabulary.names")) != lay.num_classes:
+            problems.append("vocabulary.names does not have layout.num_classes names")
+    except KeyError:
+        pass
+    g = store.group
+    num_rows = store.shard_num_rows()
+    cap = lay.shard_capacity
+    for start in range(0, lay.num_shards, chunk_shards):
+        stop = min(start + chunk_shards, lay.num_shards)
+        lo, hi = start * cap, stop * cap
+        status = g["rows/status"][lo:hi]
+        index = g["labels/index"][lo:hi]
+        prob = g["labels/prob"][lo:hi].astype(np.float32)
+        hard = g["rows/hard_label"][lo:hi]
+        reason = g["rows/reason"][lo:hi]
+        for s in range(start, stop):
+            sl = slice((s - start) * cap, (s - start + 1) * cap)
+            st, n = status[sl], int(num_rows[s])
+            if n < 0 and (st != STATUS_MISSING).any():
+                problems.append(f"shard {s}: rows committed but the shard's row count was never written")
+            if n >= 0 and (st[n:] != STATUS_MISSING).any():
+                problems.append(f"shard {s}: rows committed beyond its row count {n}")
+        done = status == STATUS_DONE
+        rows = np.nonzero(done)[0] + lo
+        if done.any():
+            idx, pr = index[done], prob[done]
+            bad = (idx < 0) | (idx >= lay.num_classes)
+            for r in rows[bad.any(axis=(1, 2))][:5]:
+                problems.append(f"row {r}: class index out of range [0, {lay.num_classes}) or missing (-1)")
+            for r in rows[(pr < 0).any(axis=(1, 2)) | ~np.isfinite(pr).all(axis=(1, 2))][:5]:
+                problems.append(f"row {r}: negative or non-finite probability")
+            for r in rows[(pr.sum(-1) > 1 + 1e-3).any(axis=1)][:5]:
+                problems.append(f"row {r}: probabilities of a crop sum above 1 + 1e-3")
+            for r in rows[(hard[done] < -1) | (hard[done] >= lay.num_classes)][:5]:
+                problems.append(f"row {r}: hard label out of range")
+        failed = status == STATUS_FAILED
+        for r in (np.nonzero(failed & (reason == 0))[0] + lo)[:5]:
+            problems.append(f"row {r}: failed without a reason code")
+        unknown = ~np.isin(status, (STATUS_MISSING, STATUS_DONE, STATUS_FAILED))
+        for r in (np.nonzero(unknown)[0] + lo)[:5]:
+            problems.append(f"row {r}: unknown status code {status[r - lo]}")
+    if "objects" in g:
+        ostatus = g["objects/status"][:]
+        odone = ostatus == STATUS_DONE
+        oidx = g["objects/index"][:][odone]
+        oprob = g["objects/prob"][:][odone].astype(np.float32)
+        if ((oidx < 0) | (oidx >= lay.num_classes)).any():
+            problems.append("objects: class index out of range or missing in done rows")
+        if (oprob < 0).any() or (oprob.sum(-1) > 1 + 1e-3).any():
+            problems.append("objects: negative probabilities or sums above 1 + 1e-3")
+        if (g["objects/ann_id"][:][odone] < 0).any():
+            problems.append("objects: done rows without an annotation id")
+    if "text" in g and "embeddings" in g["text"]:
+        emb = g["text/embeddings"]
+        if emb.shape[0] != lay.num_classes:
+            problems.append(f"text/embeddings has {emb.shape[0]} rows, expected {lay.num_classes}")
+    return problems
+
+
+def store_stats(path: str | Path, top: int = 10, max_rows: int = 200_000) -> dict[str, Any]:
+    """Bytes per image on disk, mean label entropy (nats, decoded with the store's residual policy)
+    and residual mass, and the most frequent top-1 classes (whole-image crop)."""
+    store = LabelStore.open(path, "r")
+    lay = store.layout
+    status = store.group["rows/status"][:]
+    done_rows = np.nonzero(status == STATUS_DONE)[0]
+    total = store_bytes(store.path)
+    out: dict[str, Any] = {
+        "path": str(path),
+        "images_done": int(len(done_rows)),
+        "bytes_on_disk": total,
+        "bytes_per_image": total / max(len(done_rows), 1),
+    }
+    if len(done_rows) == 0:
+        return out
+    sample = done_rows if len(done_rows) <= max_rows else np.sort(
+        np.random.default_rng(0).choice(done_rows, max_rows, replace=False))
+    index = store.group["labels/index"].get_orthogonal_selection((sample, slice(None), slice(None)))
+    prob = store.group["labels/prob"].get_orthogonal_selection((sample, slice(None), slice(None)))
+    residual = store.attrs["encoding"]["residual"]
+    entropies = []
+    for start in range(0, len(sample), 2048):
+        full = decode_topk(index[start:start + 2048], prob[start:start + 2048], lay.num_classes, residual)
+        entropies.append(-(np.where(full > 0, full * np.log(np.maximum(full, 1e-30)), 0)).sum(-1).ravel())
+    names = store.attrs["vocabulary"]["names"]
+    top1 = index[:, 0, 0].astype(np.int64)  # crop 0 is the whole image in every named grid
+    classes, counts = np.unique(top1, return_counts=True)
+    order = np.argsort(-counts)[:top]
+    out.update({
+        "rows_sampled": int(len(sample)),
+        "mean_entropy_nats": float(np.concatenate(entropies).mean()),
+        "residual_policy": residual,
+        "mean_residual_mass": float(np.clip(1 - prob.astype(np.float32).sum(-1), 0, None).mean()),
+        "mean_top1_prob": float(prob[:, :, 0].astype(np.float32).mean()),
+        "top1_classes": [{"class": int(classes[i]), "name": names[int(classes[i])], "count": int(counts[i])}
+                         for i in order],
+    })
+    return out

@@ -1,0 +1,404 @@
+"""Create, open and write a label store (see :mod:`.schema` for the layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from .. import __version__
+from .lock import ShardLock
+from .schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    RESIDUAL_POLICIES,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_MISSING,
+    StoreError,
+    StoreLayout,
+)
+
+# Labels: bit-shuffled zstd inside blosc packs int16 class ids (11 of 16 bits used) and descending
+# float16 probabilities well; rows_per_chunk rows per inner chunk keep random reads cheap.
+LABEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+ROW_COMPRESSOR = ZstdCodec(level=3)
+# Lock files live inside the per-shard bookkeeping arrays' folders: outside every listed group, so
+# zarr/xarray never see them as hierarchy members.
+SHARD_LOCK_DIR = "shards/num_rows/locks"
+OBJECT_LOCK_DIR = "objects/block_rows/locks"
+
+
+def vocabulary_sha256(names: list[str]) -> str:
+    """SHA-256 of the ordered class-name list (one name per line)."""
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass
+class ShardResult:
+    """Everything one source shard produced, in shard order (``n`` samples, n <= capacity).
+
+    keys (n,) str; sizes (n, 2) int (h, w); hard_labels (n,) int, -1 = none; status (n,) uint8
+    (done/failed); reasons (n,) uint8 (0 for done rows); index (n, K, k) int16 and prob (n, K, k)
+    float16 (ignored for failed rows)."""
+
+    keys: list[str]
+    sizes: np.ndarray
+    hard_labels: np.ndarray
+    status: np.ndarray
+    reasons: np.ndarray
+    index: np.ndarray
+    prob: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclasses.dataclass
+class ObjectBlock:
+    """Object-level labels for up to ``block_size`` annotations: ann_ids (n,) int64, image_ids (n,)
+    int64, boxes (n, 4) float32 xywh pixels, index (n, k) int16, prob (n, k) float16, status (n,) uint8."""
+
+    ann_ids: np.ndarray
+    image_ids: np.ndarray
+    boxes: np.ndarray
+    index: np.ndarray
+    prob: np.ndarray
+    status: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ann_ids)
+
+
+def _open_group(path: Path, mode: str) -> zarr.Group:
+    if not path.exists():
+        raise StoreError(f"no label store at {path}: the path does not exist")
+    if not path.is_dir() or not (path / "zarr.json").is_file():
+        raise StoreError(f"{path} is not an lt-distill label store (no zarr.json group metadata)")
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path} is not a readable Zarr v3 group: {exc}") from exc
+    fmt = group.attrs.get("format", {})
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
+        raise StoreError(f"{path} is a Zarr group but not an lt-distill label store (format {fmt!r})")
+    if fmt.get("version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {fmt.get('version')} is not supported (need {FORMAT_VERSION})")
+    return group
+
+
+def is_label_store(path: str | Path) -> bool:
+    try:
+        _open_group(Path(path), "r")
+    except StoreError:
+        return False
+    return True
+
+
+class LabelStore:
+    """A label store on local disk. Use :meth:`create` or :meth:`open`; reading for training goes
+    through :class:`lt_distill.store.LabelReader`, which is faster and fork-safe."""
+
+    def __init__(self, path: Path, group: zarr.Group, writable: bool) -> None:
+        self.path = path
+        self.group = group
+        self.writable = writable
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        lay = self.attrs["layout"]
+        self.layout = StoreLayout(**lay)
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        layout: StoreLayout,
+        *,
+        teacher: dict[str, Any],
+        vocabulary: list[str],
+        grid_spec: str,
+        grid_boxes: list[list[float]] | np.ndarray,
+        residual: str = "spread",
+        source: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> "LabelStore":
+        """Create an empty store. An existing store is replaced only with ``overwrite=True``; a
+        non-empty directory that is not a label store is never touched."""
+        path = Path(path)
+        if residual not in RESIDUAL_POLICIES:
+            raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
+        boxes = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
+        if len(boxes) != layout.num_crops:
+            raise StoreError(f"grid has {len(boxes)} boxes but layout.num_crops is {layout.num_crops}")
+        if len(vocabulary) != layout.num_classes:
+            raise StoreError(f"vocabulary has {len(vocabulary)} names but layout.num_classes is {layout.num_classes}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if not is_label_store(path):
+                raise StoreError(f"{path} exists and is not a label store; refusing to write there")
+            if not overwrite:
+                raise StoreError(f"a label store already exists at {path}; pass --overwrite to replace it")
+            shutil.rmtree(path)
+        attrs = {
+            "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+            "layout": dataclasses.asdict(layout),
+            "teacher": teacher,
+            "vocabulary": {"names": list(vocabulary), "sha256": vocabulary_sha256(list(vocabulary))},
+            "grid": {"spec": grid_spec, "boxes": boxes.tolist()},
+            "encoding": {
+                "topk": layout.topk,
+                "index_dtype": "int16",
+                "prob_dtype": "float16",
+                "residual": residual,
+                "probabilities": "teacher probabilities of the k kept classes, descending, not renormalised",
+            },
+            "source": dict(source or {}),
+            "lt_distill_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if extra:
+            attrs.update(extra)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        cap, n, kc, kk = layout.shard_capacity, layout.num_rows, layout.num_crops, layout.topk
+        rpc = layout.rows_per_chunk
+        rows = group.require_group("rows")
+        rows.create_array("key", shape=(n,), dtype=str, chunks=(cap,), shards=(cap,), compressors=[ROW_COMPRESSOR])
+        rows.create_array("size", shape=(n, 2), dtype="int32", chunks=(cap, 2), shards=(cap, 2),
+                          compressors=[ROW_COMPRESSOR], fill_value=0)
+        rows.create_array("hard_label", shape=(n,), dtype="int32", chunks=(cap,), shards=(cap,),
+                          compressors=[ROW_COMPRESSOR], fill_value=-1)
+        rows.create_array("reason", shape=(n,), dtype="uint8", chunks=(cap,), shards=(cap,),
+                          compressors=[ROW_COMPRESSOR], fill_value=0)
+        rows.create_array("status", shape=(n,), dtype="uint8", chunks=(cap,), shards=(cap,),
+                          compressors=[ROW_COMPRESSOR], fill_value=STATUS_MISSING)
+        labels = group.require_group("labels")
+        labels.create_array("index", shape=(n, kc, kk), dtype="int16", chunks=(rpc, kc, kk), shards=(cap, kc, kk),
+                            compressors=[LABEL_COMPRESSOR], fill_value=-1)
+        labels.create_array("prob", shape=(n, kc, kk), dtype="float16", chunks=(rpc, kc, kk), shards=(cap, kc, kk),
+                            compressors=[LABEL_COMPRESSOR], fill_value=0.0)
+        shards = group.require_group("shards")
+        # One chunk per source shard: each writer touches only its own file.
+        shards.create_array("num_rows", shape=(layout.num_shards,), dtype="int32", chunks=(1,), fill_value=-1)
+        return cls(path, group, writable=True)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "LabelStore":
+        """Open an existing store, ``mode`` "r" (read-only) or "r+" (write shards, objects, text)."""
+        if mode not in ("r", "r+"):
+            raise StoreError(f"store mode must be 'r' or 'r+', got {mode!r}")
+        path = Path(path)
+        return cls(path, _open_group(path, mode), writable=(mode == "r+"))
+
+    # ------------------------------------------------------------------ state
+    def shard_num_rows(self) -> np.ndarray:
+        """(S,) int32: rows written per source shard, -1 where never written."""
+        return self.group["shards/num_rows"][:]
+
+    def shards_done(self) -> np.ndarray:
+        """(S,) bool: shards whose rows were all committed (done or failed)."""
+        num_rows = self.shard_num_rows()
+        status = self.group["rows/status"][:].reshape(self.layout.num_shards, self.layout.shard_capacity)
+        filled = (status != STATUS_MISSING).sum(axis=1)
+        return (num_rows >= 0) & (filled == np.maximum(num_rows, 0))
+
+    def status_counts(self) -> dict[str, int]:
+        status = self.group["rows/status"][:]
+        return {
+            "done": int((status == STATUS_DONE).sum()),
+            "failed": int((status == STATUS_FAILED).sum()),
+            "missing_in_written_shards": int(
+                sum(
+                    (status[s * self.layout.shard_capacity: s * self.layout.shard_capacity + n] == STATUS_MISSING).sum()
+                    for s, n in enumerate(self.shard_num_rows())
+                    if n > 0
+                )
+            ),
+        }
+
+    # ------------------------------------------------------------------ writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.path} was opened read-only")
+
+    def shard_lock(self, shard: int) -> ShardLock:
+        return ShardLock(self.path / SHARD_LOCK_DIR / f"shard-{shard:06d}.lock", f"shard {shard} of {self.path}")
+
+    def write_shard(self, shard: int, result: ShardResult) -> None:
+        """Write one source shard's results as whole Zarr shards: labels first, status last.
+
+        A crash at any point leaves the shard "missing" (never half-valid); rewriting it makes it "done".
+        A second live writer of the same shard is refused with :class:`ShardLockedError`."""
+        self._require_writable()
+        lay = self.layout
+        if not 0 <= shard < lay.num_shards:
+            raise StoreError(f"shard {shard} out of range [0, {lay.num_shards})")
+        arrays = self._validate_shard(result)
+        lo, hi = shard * lay.shard_capacity, (shard + 1) * lay.shard_capacity
+        g = self.group
+        with self.shard_lock(shard):
+            # Uncommit first, so a rewrite never leaves old "done" rows beside new labels.
+            g["rows/status"][lo:hi] = np.zeros(lay.shard_capacity, np.uint8)
+            g["shards/num_rows"][shard: shard + 1] = np.array([-1], np.int32)
+            g["labels/index"][lo:hi] = arrays["index"]
+            g["labels/prob"][lo:hi] = arrays["prob"]
+            g["rows/key"][lo:hi] = arrays["key"]
+            g["rows/size"][lo:hi] = arrays["size"]
+            g["rows/hard_label"][lo:hi] = arrays["hard_label"]
+            g["rows/reason"][lo:hi] = arrays["reason"]
+            g["shards/num_rows"][shard: shard + 1] = np.array([len(result)], np.int32)
+            self._commit_status(lo, hi, arrays["status"])
+
+    def _commit_status(self, lo: int, hi: int, status: np.ndarray) -> None:
+        self.group["rows/status"][lo:hi] = status
+
+    def _validate_shard(self, r: ShardResult) -> dict[str, np.ndarray]:
+        lay = self.layout
+        n, cap = len(r), lay.shard_capacity
+        if n > cap:
+            raise StoreError(f"shard has {n} samples but the store's shard capacity is {cap}; "
+                             "create the store with a larger --shard-capacity")
+        status = np.asarray(r.status, dtype=np.uint8).reshape(-1)
+        shapes = {"sizes": (n, 2), "hard_labels": (n,), "status": (n,), "reasons": (n,),
+                  "index": (n, lay.num_crops, lay.topk), "prob": (n, lay.num_crops, lay.topk)}
+        for name, shape in shapes.items():
+            got = np.shape(getattr(r, name))
+            if got != shape:
+                raise StoreError(f"shard result: {name} has shape {got}, expected {shape}")
+        if not np.isin(status, (STATUS_DONE, STATUS_FAILED)).all():
+            raise StoreError("shard result: every status must be done (1) or failed (2)")
+        index = np.asarray(r.index)
+        if index.dtype != np.int16 or np.asarray(r.prob).dtype != np.float16:
+            raise StoreError("shard result: index must be int16 and prob float16")
+        done = status == STATUS_DONE
+        if done.any() and (index[done].min() < 0 or index[done].max() >= lay.num_classes):
+            raise StoreError(f"shard result: class index out of range [0, {lay.num_classes})")
+        hard = np.asarray(r.hard_labels, dtype=np.int32)
+        if n and (hard.min() < -1 or hard.max() >= lay.num_classes):
+            raise StoreError(f"shard result: hard label out of range [-1, {lay.num_classes})")
+
+        def pad(values: np.ndarray, fill, dtype) -> np.ndarray:
+            out = np.full((cap, *np.shape(values)[1:]), fill, dtype=dtype)
+            out[:n] = values
+            return out
+
+        index = np.where(done[:, None, None], index, -1).astype(np.int16)
+        prob = np.where(done[:, None, None], np.asarray(r.prob), 0).astype(np.float16)
+        keys = np.full(cap, "", dtype=object)
+        keys[:n] = list(r.keys)
+        return {
+            "index": pad(index, -1, np.int16),
+            "prob": pad(prob, 0, np.float16),
+            "key": keys.astype(str),
+            "size": pad(np.asarray(r.sizes, np.int32).reshape(n, 2), 0, np.int32),
+            "hard_label": pad(hard, -1, np.int32),
+            "reason": pad(np.where(done, 0, np.asarray(r.reasons, np.uint8)), 0, np.uint8),
+            "status": pad(status, STATUS_MISSING, np.uint8),
+        }
+
+    # ------------------------------------------------------------------ objects
+    def create_objects(self, num_objects: int, block_size: int = 4096, *, source: str = "",
+                       overwrite: bool = False) -> None:
+        """Create (or, if it exists with the same size and source, keep) the objects group."""
+        self._require_writable()
+        if num_objects < 1 or block_size < 1:
+            raise StoreError("objects: num_objects and block_size must be >= 1")
+        if "objects" in self.group:
+            attrs = dict(self.group["objects"].attrs)
+            same = attrs.get("num_objects") == num_objects and attrs.get("source") == source \
+                and attrs.get("block_size") == block_size
+            if same and not overwrite:
+                return
+            if not overwrite:
+                raise StoreError(
+                    f"{self.path} already holds object labels for {attrs.get('num_objects')} annotations from "
+                    f"{attrs.get('source')!r}; pass --overwrite to replace them")
+            del self.group["objects"]
+        k = self.layout.topk
+        num_blocks = -(-num_objects // block_size)
+        m = num_blocks * block_size
+        obj = self.group.create_group("objects", attributes={
+            "num_objects": num_objects, "block_size": block_size, "num_blocks": num_blocks, "source": source,
+            "box_format": "xywh, pixels of the original image (LVIS/COCO)"})
+        for name, shape, dtype, fill, comp in (
+            ("ann_id", (m,), "int64", -1, ROW_COMPRESSOR),
+            ("image_id", (m,), "int64", -1, ROW_COMPRESSOR),
+            ("box", (m, 4), "float32", 0.0, ROW_COMPRESSOR),
+            ("index", (m, k), "int16", -1, LABEL_COMPRESSOR),
+            ("prob", (m, k), "float16", 0.0, LABEL_COMPRESSOR),
+            ("status", (m,), "uint8", STATUS_MISSING, ROW_COMPRESSOR),
+        ):
+            obj.create_array(name, shape=shape, dtype=dtype, chunks=(block_size, *shape[1:]),
+                             shards=(block_size, *shape[1:]), compressors=[comp], fill_value=fill)
+        obj.create_array("block_rows", shape=(num_blocks,), dtype="int32", chunks=(1,), fill_value=-1)
+
+    def objects_blocks_done(self) -> np.ndarray:
+        """(B,) bool: object blocks committed."""
+        obj = self.group["objects"]
+        bs = obj.attrs["block_size"]
+        rows = obj["block_rows"][:]
+        status = obj["status"][:].reshape(-1, bs)
+        return (rows >= 0) & ((status != STATUS_MISSING).sum(1) == np.maximum(rows, 0))
+
+    def write_objects_block(self, block: int, data: ObjectBlock) -> None:
+        """Write one block of object labels (whole Zarr shards, labels first, status last)."""
+        self._require_writable()
+        if "objects" not in self.group:
+            raise StoreError("objects group missing: call create_objects first")
+        obj = self.group["objects"]
+        bs, nb = obj.attrs["block_size"], obj.attrs["num_blocks"]
+        if not 0 <= block < nb:
+            raise StoreError(f"object block {block} out of range [0, {nb})")
+        n = len(data)
+        if n > bs:
+            raise StoreError(f"object block has {n} rows, block size is {bs}")
+        k = self.layout.topk
+        status = np.asarray(data.status, np.uint8)
+        if np.shape(data.index) != (n, k) or np.shape(data.prob) != (n, k) or np.shape(data.boxes) != (n, 4):
+            raise StoreError(f"object block: index/prob must be ({n}, {k}) and boxes ({n}, 4)")
+
+        def pad(values, fill, dtype, tail=()):
+            out = np.full((bs, *tail), fill, dtype=dtype)
+            out[:n] = values
+            return out
+
+        lo, hi = block * bs, (block + 1) * bs
+        lock = ShardLock(self.path / OBJECT_LOCK_DIR / f"block-{block:06d}.lock", f"object block {block} of {self.path}")
+        with lock:
+            obj["status"][lo:hi] = np.zeros(bs, np.uint8)
+            obj["block_rows"][block: block + 1] = np.array([-1], np.int32)
+            obj["index"][lo:hi] = pad(np.asarray(data.index, np.int16), -1, np.int16, (k,))
+            obj["prob"][lo:hi] = pad(np.asarray(data.prob, np.float16), 0, np.float16, (k,))
+            obj["box"][lo:hi] = pad(np.asarray(data.boxes, np.float32), 0, np.float32, (4,))
+            obj["image_id"][lo:hi] = pad(np.asarray(data.image_ids, np.int64), -1, np.int64)
+            obj["ann_id"][lo:hi] = pad(np.asarray(data.ann_ids, np.int64), -1, np.int64)
+            obj["block_rows"][block: block + 1] = np.array([n], np.int32)
+            obj["status"][lo:hi] = pad(status, STATUS_MISSING, np.uint8)
+
+    # ------------------------------------------------------------------ text embeddings
+    def write_text_embeddings(self, embeddings: np.ndarray, fingerprint: dict[str, Any],
+                              overwrite: bool = False) -> None:
+        """Store the teacher's (C, D) class text embeddings (float16) with their fingerprint."""
+        self._require_writable()
+        emb = np.asarray(embeddings, dtype=np.float16)
+        if emb.ndim != 2 or emb.shape[0] != self.layout.num_classes:
+            raise StoreError(f"text embeddings must be ({self.layout.num_classes}, D), got {emb.shape}")
+        if "text" in self.group and "embeddings" in self.group["text"]:
+            old = self.group["text/embeddings"]
+            if dict(old.attrs).get("fingerprint") == fingerprint and old.shape == emb.shape and not overwrite:
+                return
+            if not overwrite:
+                raise StoreError(f"{self.path} already holds text embeddings from another teacher "
+                                 "fingerprint; pass --overwrite to replace them")
+            del self.group["text/embeddings"]
+        text = self.group.require_group("text")
+        arr = text.create_array("embeddings", shape=emb.shape, dtype="float16", chunks=emb.shape,
+                                attributes={"fingerprint": fingerprint})
+        arr[:] = emb

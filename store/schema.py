@@ -1,0 +1,114 @@
+"""The label-store contract: layout, status and reason codes, required attributes, errors.
+
+A store is one Zarr v3 group::
+
+    attrs                  provenance (format, teacher, vocabulary, grid, encoding, source, version)
+    rows/key       (N,)        string   sample ``__key__``
+    rows/size      (N, 2)      int32    original image (height, width)
+    rows/hard_label(N,)        int32    mapped hard label, -1 when none
+    rows/reason    (N,)        uint8    failure reason code (0 when done)
+    rows/status    (N,)        uint8    0 missing, 1 done, 2 failed      <- written last
+    labels/index   (N, K, k)   int16    top-k class indices per grid crop (-1 = empty)
+    labels/prob    (N, K, k)   float16  their probabilities, descending  <- written first
+    shards/num_rows(S,)        int32    rows used by each source shard (-1 = never written)
+    objects/...                         object-level labels, addressed by annotation id
+    text/embeddings(C, D)      float16  the teacher's class text embeddings
+
+Row ``r`` of source shard ``s`` lives at ``s * shard_capacity + r``: each source shard owns exactly one
+Zarr shard of every per-row array, so one writer per shard never shares a file with another writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import LtDistillError
+
+FORMAT_NAME = "lt-distill-labels"
+FORMAT_VERSION = 1
+
+STATUS_MISSING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
+STATUS_NAMES = {STATUS_MISSING: "missing", STATUS_DONE: "done", STATUS_FAILED: "failed"}
+
+# Failure reasons recorded per row; stable codes (they are stored on disk).
+REASONS: dict[int, str] = {
+    0: "ok",
+    1: "truncated",          # tar member cut short / unreadable
+    2: "undecodable",        # image bytes that no decoder accepts
+    3: "missing_label",      # the label field the job asked for is absent
+    4: "unparsable_label",   # the label field cannot be parsed
+    5: "unknown_label",      # the label names a class outside the class list
+    6: "too_small",          # image too small to crop
+    7: "teacher_error",      # non-finite teacher output
+}
+REASON_CODES: dict[str, int] = {name: code for code, name in REASONS.items()}
+
+RESIDUAL_POLICIES = ("renormalise", "spread")
+
+# Attributes every store must carry (dotted paths into the attribute tree).
+REQUIRED_ATTRS = (
+    "format.name",
+    "format.version",
+    "layout.num_shards",
+    "layout.shard_capacity",
+    "layout.num_crops",
+    "layout.topk",
+    "layout.num_classes",
+    "teacher",
+    "vocabulary.names",
+    "vocabulary.sha256",
+    "grid.spec",
+    "grid.boxes",
+    "encoding.index_dtype",
+    "encoding.prob_dtype",
+    "encoding.residual",
+    "source",
+    "lt_distill_version",
+)
+
+
+class StoreError(LtDistillError):
+    """The path is not a usable label store, or an operation on it is invalid."""
+
+
+class StoreMismatchError(StoreError):
+    """A store does not match what a run expects; the message names every differing field."""
+
+
+class ShardLockedError(StoreError):
+    """Another live process is writing the same shard."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """Array shapes of a store. ``rows_per_chunk`` rows share one compressed inner chunk."""
+
+    num_shards: int
+    shard_capacity: int
+    num_crops: int
+    topk: int
+    num_classes: int
+    rows_per_chunk: int = 0  # 0: pick the largest divisor of shard_capacity that is <= 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_shards", "shard_capacity", "num_crops", "topk", "num_classes"):
+            if getattr(self, name) < 1:
+                raise StoreError(f"store layout: {name} must be >= 1, got {getattr(self, name)}")
+        if self.topk > self.num_classes:
+            raise StoreError(f"store layout: topk {self.topk} exceeds num_classes {self.num_classes}")
+        if self.num_classes > 32767:
+            raise StoreError("store layout: class indices are int16; num_classes must be <= 32767")
+        if self.rows_per_chunk == 0:
+            divisor = max(d for d in range(1, 17) if self.shard_capacity % d == 0)
+            object.__setattr__(self, "rows_per_chunk", divisor)
+        if self.shard_capacity % self.rows_per_chunk:
+            raise StoreError(
+                f"store layout: rows_per_chunk {self.rows_per_chunk} must divide shard_capacity {self.shard_capacity}"
+            )
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_shards * self.shard_capacity
+
+    def row(self, shard: int, position: int) -> int:
+        return shard * self.shard_capacity + position
