@@ -20,3 +20,4 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+from . import store_cmds  # noqa: F401,E402
