@@ -21,3 +21,4 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 from . import store_cmds  # noqa: F401,E402
+from . import train_cmds  # noqa: F401,E402

@@ -1,0 +1,1 @@
+"""The built-in end-to-end example (``lt-distill demo``) and its synthetic long-tailed dataset."""
