@@ -1,0 +1,85 @@
+"""Cached soft labels for stage 2: grid-crop labels matched to augmentation regions, object labels
+by annotation id, and the store compatibility check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ...store import LabelReader, check_compatible, vocabulary_sha256
+from ..grid import MATCH_MODES, GridSpec, match_crops
+
+
+def check_label_store(reader: LabelReader, *, vocabulary: Sequence[str] | None = None, grid: str | None = None,
+                      topk: int | None = None, residual: str | None = None, teacher_model: str | None = None,
+                      ) -> None:
+    """Refuse a store whose vocabulary, grid, encoding or teacher differs from what the run expects:
+    raises :class:`StoreMismatchError` naming every differing field with both values. Only the
+    arguments given are checked."""
+    expected: dict = {}
+    if vocabulary is not None:
+        expected["vocabulary.sha256"] = vocabulary_sha256(list(vocabulary))
+    if grid is not None:
+        expected["grid.spec"] = GridSpec.parse(grid).spec
+    if topk is not None:
+        expected["encoding.topk"] = topk
+    if residual is not None:
+        expected["encoding.residual"] = residual
+    if teacher_model is not None:
+        expected["teacher.model"] = teacher_model
+    check_compatible(reader.attrs, expected, store_name=f"label store {reader.path}")
+
+
+class CropSoftLabels:
+    """Soft label of a visible region of a stored classification image.
+
+    ``__call__(shard, position, regions)`` with ``regions`` (n, 4) normalised xyxy in the image's
+    original coordinates returns ``soft`` float32 (n, C) (decoded with the store's residual policy)
+    and ``mask`` bool (n,): False when the row is not done or the match is below the IoU threshold
+    (or, in ``exact`` mode, the region is not a grid box). ``exact`` and ``nearest`` return the
+    stored label of one grid crop, decoded, bit for bit; ``interp`` the IoU-weighted mixture of
+    the best ``top_n`` crops."""
+
+    def __init__(self, reader: LabelReader, mode: str = "nearest", iou_threshold: float = 0.5,
+                 top_n: int = 4) -> None:
+        if mode not in MATCH_MODES:
+            raise ValueError(f"crop match mode must be one of {MATCH_MODES}, got {mode!r}")
+        self.reader = reader
+        self.mode = mode
+        self.iou_threshold = iou_threshold
+        self.top_n = top_n
+        self.grid_boxes = np.asarray(reader.attrs["grid"]["boxes"], dtype=np.float64)
+        self.num_classes = reader.layout.num_classes
+
+    def __call__(self, shard: int, position: int, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        regions = np.asarray(regions, dtype=np.float64).reshape(-1, 4)
+        soft = np.zeros((len(regions), self.num_classes), dtype=np.float32)
+        index, prob, valid = self.reader.labels(shard, position)
+        if not valid:
+            return soft, np.zeros(len(regions), dtype=bool)
+        weights, ok = match_crops(regions, self.grid_boxes, self.mode, self.iou_threshold, self.top_n)
+        for i in np.nonzero(ok)[0]:
+            cols = np.nonzero(weights[i])[0]
+            full = self.reader.decode(index[cols], prob[cols])  # (m, C) float32
+            soft[i] = full[0] if len(cols) == 1 else (weights[i, cols, None] * full).sum(0)
+        return soft, ok
+
+
+class ObjectSoftLabels:
+    """Object-level soft labels by annotation id: ``__call__(ann_ids)`` -> soft float32 (n, C) and
+    mask bool (n,), False for annotations the store has no label for (or when it has no objects)."""
+
+    def __init__(self, reader: LabelReader) -> None:
+        self.reader = reader
+        self.num_classes = reader.layout.num_classes
+        self.available = reader.has_objects()
+
+    def __call__(self, ann_ids) -> tuple[np.ndarray, np.ndarray]:
+        ann_ids = np.asarray(ann_ids, dtype=np.int64).reshape(-1)
+        if not self.available or len(ann_ids) == 0:
+            return np.zeros((len(ann_ids), self.num_classes), np.float32), np.zeros(len(ann_ids), bool)
+        index, prob, valid = self.reader.objects(ann_ids)
+        soft = self.reader.decode(index, prob)
+        soft[~valid] = 0.0
+        return soft.astype(np.float32, copy=False), valid
