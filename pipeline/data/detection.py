@@ -4,8 +4,9 @@ The annotation file is LVIS- or COCO-format JSON (``images``, ``annotations``, `
 class index = rank of the category id among the sorted category ids (LVIS v1: id - 1). Broken
 entries never stop a run: annotations without a usable box, category or image are dropped when the
 file is read, and images that are missing, undecodable or not the size the JSON says are replaced
-by the next image when loaded; both are counted by reason (``dataset.skipped`` and the per-sample
-``skipped`` entry that the collate function sums per batch).
+by the next image when loaded; both are counted by reason (``dataset.skipped``, and the per-sample
+``skipped`` entry that the collate function sums per batch: each unreadable image is counted once by
+the process that finds it, and not tried again there).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class DetectionDataset(Dataset):
         self.objects = objects
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.skipped = dict(skipped or {})  # annotation-level problems found while reading the file
+        self._bad: set[int] = set()  # indices of unreadable images, per process (each counted once)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -176,10 +178,14 @@ class DetectionDataset(Dataset):
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, dict[str, Any]]:
         skipped: collections.Counter = collections.Counter()
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
-            record = self.records[(idx + attempt) % len(self.records)]
+            i = (idx + attempt) % len(self.records)
+            if i in self._bad:  # known bad in this process: counted when first found
+                continue
+            record = self.records[i]
             image, reason = self._load(record)
             if image is not None:
                 break
+            self._bad.add(i)
             skipped[reason] += 1
         else:
             raise LtDistillError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read under "
