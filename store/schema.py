@@ -88,7 +88,7 @@ class StoreLayout:
     num_crops: int
     topk: int
     num_classes: int
-    rows_per_chunk: int = 0  # 0: pick the largest divisor of shard_capacity that is <= 16
+    rows_per_chunk: int = 0  # 0: pick the largest divisor of shard_capacity that is <= 8
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "shard_capacity", "num_crops", "topk", "num_classes"):
@@ -99,7 +99,7 @@ class StoreLayout:
         if self.num_classes > 32767:
             raise StoreError("store layout: class indices are int16; num_classes must be <= 32767")
         if self.rows_per_chunk == 0:
-            divisor = max(d for d in range(1, 17) if self.shard_capacity % d == 0)
+            divisor = max(d for d in range(1, 9) if self.shard_capacity % d == 0)
             object.__setattr__(self, "rows_per_chunk", divisor)
         if self.shard_capacity % self.rows_per_chunk:
             raise StoreError(
