@@ -1,0 +1,63 @@
+"""DETR-style builders: config -> modules."""
+
+from __future__ import annotations
+
+import torch
+
+from .backbone import build_backbone
+from .config import ModelConfig
+from .criterion import SetCriterion, build_criterion
+from .deformable_transformer import DeformableTransformer
+from .dino import DINO, LanguageClassifier, PostProcess, SemanticHead
+
+
+def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor) -> DINO:
+    """The detector alone; ``text_embeddings`` ``(C, E)`` (any float dtype) fix the class vocabulary."""
+    text_embeddings = torch.as_tensor(text_embeddings).float()
+    t = cfg.transformer
+    embed_dim = text_embeddings.shape[1]
+    features = build_backbone(cfg.backbone, t.hidden_dim, t.num_feature_levels, t.pe_temperature)
+    transformer = DeformableTransformer(
+        d_model=t.hidden_dim,
+        nhead=t.nheads,
+        num_encoder_layers=t.enc_layers,
+        num_decoder_layers=t.dec_layers,
+        dim_feedforward=t.dim_feedforward,
+        dropout=t.dropout,
+        num_feature_levels=t.num_feature_levels,
+        enc_n_points=t.enc_n_points,
+        dec_n_points=t.dec_n_points,
+    )
+    h = cfg.head
+
+    def classifier() -> LanguageClassifier:
+        return LanguageClassifier(t.hidden_dim, embed_dim, h.cls_logit_scale, h.learn_logit_scale, h.cls_prior_prob)
+
+    semantic = SemanticHead(t.hidden_dim, embed_dim, h.semantic_logit_scale) if h.semantic_branch else None
+    return DINO(
+        features,
+        transformer,
+        text_embeddings,
+        num_queries=t.num_queries,
+        class_head=classifier(),
+        enc_class_head=classifier(),
+        semantic_head=semantic,
+        dn_number=cfg.denoising.dn_number,
+        dn_label_noise_ratio=cfg.denoising.label_noise_ratio,
+        dn_box_noise_scale=cfg.denoising.box_noise_scale,
+    )
+
+
+def build_model(
+    cfg: ModelConfig, text_embeddings: torch.Tensor, class_image_counts: torch.Tensor | None = None
+) -> tuple[DINO, SetCriterion, PostProcess]:
+    """Detector, criterion and post-processor (DETR's ``build``).
+
+    ``class_image_counts`` ``(C,)``: training images per class, for federated class sampling
+    (uniform sampling when None).
+    """
+    model = build_detector(cfg, text_embeddings)
+    if class_image_counts is not None and len(class_image_counts) != model.num_classes:
+        raise ValueError(f"class_image_counts has {len(class_image_counts)} entries for {model.num_classes} classes")
+    criterion = build_criterion(cfg.loss, model.num_classes, cfg.transformer.dec_layers, class_image_counts)
+    return model, criterion, PostProcess(cfg.num_select)

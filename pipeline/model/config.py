@@ -1,0 +1,136 @@
+"""Typed configuration of the detector and its preset registry.
+
+A preset is a set of overrides on the defaults (which are the DINO-4scale reference values of
+DESIGN §5), never a copy, so the difference between two presets is visible at a glance::
+
+    cfg = model_config("tiny", {"transformer": {"num_queries": 50}})
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from ...config import from_dict
+from ...errors import ConfigError
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # a torchvision ResNet
+    weights: str | None = None  # local torchvision state_dict file; None = random init
+    train_backbone: bool = True  # False freezes all of it; otherwise stem + layer1 stay frozen
+
+    def __post_init__(self) -> None:
+        if self.name not in RESNETS:
+            raise ValueError(f"backbone.name {self.name!r} is not one of {list(RESNETS)}")
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    hidden_dim: int = 256
+    num_feature_levels: int = 4  # strides 8/16/32 from the backbone, then extra stride-2 convs
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 900
+    pe_temperature: float = 20.0  # sine positional encoding of the feature maps (DINO: 20)
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim % self.nheads:
+            raise ValueError(f"transformer.hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
+        if self.hidden_dim % 32:
+            raise ValueError(f"transformer.hidden_dim {self.hidden_dim} must be a multiple of 32 (GroupNorm)")
+        if self.num_feature_levels < 3:
+            raise ValueError("transformer.num_feature_levels must be >= 3 (strides 8/16/32)")
+        for name in ("enc_layers", "dec_layers", "num_queries", "enc_n_points", "dec_n_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"transformer.{name} must be >= 1")
+
+
+@dataclasses.dataclass
+class DenoisingConfig:
+    dn_number: int = 100  # about this many positive (and as many negative) dn queries per image
+    label_noise_ratio: float = 0.5  # a label is replaced by a random class with probability ratio / 2
+    box_noise_scale: float = 1.0
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    # Language classifier: logit = scale * cos(proj(h), text) + bias, sigmoid focal loss.
+    cls_logit_scale: float = 50.0
+    learn_logit_scale: bool = False
+    cls_prior_prob: float = 0.01  # initial bias = -log((1 - p) / p)
+    # Semantic branch: log_softmax(semantic_logit_scale * cos(proj'(h), text)); dropped on export.
+    semantic_branch: bool = True
+    semantic_logit_scale: float = 100.0
+
+
+@dataclasses.dataclass
+class LossConfig:
+    # Hungarian matching costs.
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    # Loss weights (one place: SetCriterion.weight_dict).
+    cls_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    semantic_weight: float = 0.5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # Federated loss: focal loss only over the batch's classes + classes sampled ~ image_count ** power.
+    fed_loss: bool = True
+    fed_num_classes: int = 50
+    fed_weight_power: float = 0.5
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    transformer: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    denoising: DenoisingConfig = dataclasses.field(default_factory=DenoisingConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    num_select: int = 300  # detections kept per image by the post-processor
+
+
+# name -> overrides on ModelConfig() defaults
+PRESETS: dict[str, dict[str, Any]] = {
+    "dino-r50-4scale": {},
+    "tiny": {
+        "backbone": {"name": "resnet18"},
+        "transformer": {
+            "hidden_dim": 64,
+            "enc_layers": 2,
+            "dec_layers": 2,
+            "dim_feedforward": 256,
+            "num_queries": 100,
+        },
+        "denoising": {"dn_number": 20},
+    },
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def model_config(preset: str = "dino-r50-4scale", overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The named preset with optional nested ``overrides`` applied, validated into a ModelConfig."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return from_dict(ModelConfig, _merge(PRESETS[preset], overrides or {}))

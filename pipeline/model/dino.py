@@ -1,0 +1,195 @@
+"""DINO-4scale deformable DETR with RichSem's language classifier and semantic branch.
+
+Input: ``images`` float ``(B, 3, H, W)`` (normalised, zero-padded to a common size) and
+``pixel_mask`` bool ``(B, H, W)``, True on padding (None = no padding).
+
+Targets (training; list of B dicts):
+
+* ``"boxes"`` float ``(n, 4)`` cxcywh normalised by the unpadded image size,
+* ``"labels"`` int64 ``(n,)`` class indices; -1 = class unknown (box losses only),
+* ``"soft_labels"`` float ``(n, C)`` probability rows and ``"soft_mask"`` bool ``(n,)`` True where the
+  soft label is valid (both optional; without them there is no semantic loss),
+* ``"orig_size"``, ``"size"`` int64 ``(2,)`` (h, w) and ``"image_id"`` (used by the post-processor / eval).
+
+Outputs (dict):
+
+* ``"pred_logits"`` ``(B, Q, C)`` sigmoid logits, ``"pred_boxes"`` ``(B, Q, 4)`` cxcywh in [0, 1],
+* ``"pred_semantic"`` ``(B, Q, C)`` log-probabilities of the semantic branch (absent after export),
+* ``"aux_outputs"``: the same keys for decoder layers 0..L-2,
+* ``"enc_outputs"``: ``pred_logits``/``pred_boxes`` of the Q selected encoder proposals,
+* ``"dn_outputs"`` (training with targets only): the same keys plus ``aux_outputs`` for the P
+  denoising queries, with ``num_groups`` and ``group_size`` (layout in ``denoising.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import MultiScaleFeatures
+from .box_ops import box_cxcywh_to_xyxy
+from .deformable_transformer import MLP, DeformableTransformer
+from .denoising import make_denoising_queries
+
+
+class LanguageClassifier(nn.Module):
+    """RichSem classifier: ``logit = scale * cos(W h, t_c) + bias`` against unit class text embeddings."""
+
+    def __init__(self, hidden_dim: int, embed_dim: int, logit_scale: float, learn_scale: bool, prior_prob: float):
+        super().__init__()
+        self.proj = nn.Linear(hidden_dim, embed_dim)
+        log_scale = torch.tensor(math.log(logit_scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+
+    def forward(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """hidden ``(..., D)``, text ``(C, E)`` unit rows -> logits ``(..., C)``."""
+        return self.log_scale.exp() * F.normalize(self.proj(hidden), dim=-1) @ text.t() + self.bias
+
+
+class SemanticHead(nn.Module):
+    """RichSem semantic branch: ``log_softmax(scale * cos(W' h, t_c))`` over the classes."""
+
+    def __init__(self, hidden_dim: int, embed_dim: int, logit_scale: float = 100.0):
+        super().__init__()
+        self.proj = nn.Linear(hidden_dim, embed_dim)
+        self.logit_scale = logit_scale
+
+    def forward(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        logits = self.logit_scale * F.normalize(self.proj(hidden), dim=-1) @ text.t()
+        return logits.float().log_softmax(-1)
+
+
+class DINO(nn.Module):
+    """The detector: multi-scale features -> deformable encoder -> top-Q proposals -> decoder -> heads."""
+
+    def __init__(
+        self,
+        features: MultiScaleFeatures,
+        transformer: DeformableTransformer,
+        text_embeddings: torch.Tensor,
+        num_queries: int,
+        class_head: LanguageClassifier,
+        enc_class_head: LanguageClassifier,
+        semantic_head: SemanticHead | None = None,
+        dn_number: int = 100,
+        dn_label_noise_ratio: float = 0.5,
+        dn_box_noise_scale: float = 1.0,
+    ):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        if text_embeddings.dim() != 2:
+            raise ValueError(f"text_embeddings must be (C, D), got shape {tuple(text_embeddings.shape)}")
+        self.features = features
+        self.transformer = transformer
+        self.num_queries = num_queries
+        self.register_buffer("text_embeddings", F.normalize(text_embeddings.float(), dim=-1))
+        self.class_head = class_head  # shared by all decoder layers
+        self.enc_class_head = enc_class_head
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.semantic_head = semantic_head
+        self.tgt_embed = nn.Embedding(num_queries, hidden_dim)  # learnable content queries
+        # Denoising label embeddings are projections of the class text embeddings.
+        self.dn_label_proj = nn.Linear(text_embeddings.shape[1], hidden_dim, bias=False)
+        self.dn_unknown_label = nn.Parameter(torch.zeros(hidden_dim))
+        self.dn_number = dn_number
+        self.dn_label_noise_ratio = dn_label_noise_ratio
+        self.dn_box_noise_scale = dn_box_noise_scale
+        nn.init.normal_(self.tgt_embed.weight)
+        nn.init.normal_(self.dn_unknown_label, std=0.02)
+        for head in (self.transformer.decoder.bbox_head, self.enc_bbox_head):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_embeddings.shape[0]
+
+    def dn_label_embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        embed = self.dn_label_proj(self.text_embeddings[labels.clamp(min=0)])
+        return torch.where((labels >= 0)[:, None], embed, self.dn_unknown_label.to(embed.dtype))
+
+    def _heads(self, hidden: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"pred_logits": self.class_head(hidden, self.text_embeddings), "pred_boxes": boxes}
+        if self.semantic_head is not None:
+            out["pred_semantic"] = self.semantic_head(hidden, self.text_embeddings)
+        return out
+
+    def forward(
+        self, images: torch.Tensor, pixel_mask: torch.Tensor | None = None, targets: list[dict] | None = None
+    ) -> dict:
+        if pixel_mask is None:
+            pixel_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        srcs, masks, pos = self.features(images, pixel_mask)
+        mem = self.transformer.encode(srcs, masks, pos)
+
+        # Two-stage "mixed" query selection: positions from the best encoder proposals, content learnt.
+        enc_memory, proposals_unsig, valid = self.transformer.proposals(mem)
+        enc_logits = self.enc_class_head(enc_memory, self.text_embeddings)  # (B, S, C)
+        scores = enc_logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        if scores.shape[1] < self.num_queries:
+            raise ValueError(
+                f"images of {tuple(images.shape[-2:])} give {scores.shape[1]} tokens, fewer than {self.num_queries} queries"
+            )
+        topk = scores.topk(self.num_queries, dim=1).indices  # (B, Q)
+        enc_boxes_unsig = self.enc_bbox_head(enc_memory) + proposals_unsig
+        ref_unsig = torch.gather(enc_boxes_unsig, 1, topk[..., None].expand(-1, -1, 4))
+        enc_outputs = {
+            "pred_logits": torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
+            "pred_boxes": ref_unsig.sigmoid(),
+        }
+        tgt = self.tgt_embed.weight[None].expand(images.shape[0], -1, -1)
+        ref_unsig = ref_unsig.detach()
+
+        dn = None
+        if self.training and targets is not None:
+            dn = make_denoising_queries(
+                targets, self.dn_label_embedding, self.num_classes, self.num_queries,
+                self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale,
+            )
+        attn_mask = None
+        if dn is not None:
+            tgt = torch.cat([dn.content.to(tgt.dtype), tgt], 1)
+            ref_unsig = torch.cat([dn.boxes_unsig.to(ref_unsig.dtype), ref_unsig], 1)
+            attn_mask = dn.attn_mask
+
+        hidden, boxes = self.transformer.decoder(tgt, ref_unsig, mem, attn_mask)
+        layers = [self._heads(h, b) for h, b in zip(hidden, boxes)]
+        num_dn = dn.num_queries if dn is not None else 0
+        main = [{k: v[:, num_dn:] for k, v in layer.items()} for layer in layers]
+        out = dict(main[-1], aux_outputs=main[:-1], enc_outputs=enc_outputs)
+        if dn is not None:
+            dn_layers = [{k: v[:, :num_dn] for k, v in layer.items()} for layer in layers]
+            out["dn_outputs"] = dict(
+                dn_layers[-1], aux_outputs=dn_layers[:-1], num_groups=dn.num_groups, group_size=dn.group_size
+            )
+        return out
+
+
+class PostProcess(nn.Module):
+    """LVIS-style detections: the top ``num_select`` (query, class) pairs per image over all classes."""
+
+    def __init__(self, num_select: int = 300):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """target_sizes ``(B, 2)`` (h, w) of the original images. Returns per image ``"scores"`` ``(K,)``,
+        ``"labels"`` int64 ``(K,)`` class indices and ``"boxes"`` ``(K, 4)`` xyxy pixels of the original image."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        b, q, c = logits.shape
+        prob = logits.float().sigmoid().flatten(1)
+        scores, index = prob.topk(min(self.num_select, q * c), dim=1)
+        query, labels = index // c, index % c
+        xyxy = torch.gather(box_cxcywh_to_xyxy(boxes.float()), 1, query[..., None].expand(-1, -1, 4))
+        h, w = target_sizes.to(xyxy).unbind(-1)
+        scale = torch.stack([w, h, w, h], -1)[:, None]
+        xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)
+        return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(scores, labels, xyxy)]
