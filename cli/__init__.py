@@ -22,3 +22,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 from . import store_cmds  # noqa: F401,E402
 from . import train_cmds  # noqa: F401,E402
+from . import ops_cmds  # noqa: F401,E402
