@@ -23,3 +23,4 @@ def main(argv: list[str] | None = None) -> None:
 from . import store_cmds  # noqa: F401,E402
 from . import train_cmds  # noqa: F401,E402
 from . import ops_cmds  # noqa: F401,E402
+from . import precompute_cmds  # noqa: F401,E402

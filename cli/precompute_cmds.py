@@ -1,0 +1,128 @@
+"""`lt-distill precompute`, `lt-distill inspect` and `lt-distill bench precompute`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .app import app, bench_app
+
+console = Console()
+
+
+@app.command("precompute")
+def precompute_cmd(
+    store: Annotated[Path, typer.Option("--store", help="Output label store (a Zarr v3 group directory).")],
+    shards: Annotated[str, typer.Option(
+        "--shards", help="WebDataset shards, brace pattern: 'dir/prefix-{000000..000123}.tar' ('::' joins several).")] = "",
+    model: Annotated[str, typer.Option("--model", help="open_clip architecture name (RN50 is the reference teacher; "
+                                       "lt-tiny-rn ships for tests).")] = "RN50",
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", help="Local open_clip checkpoint (state dict; loaded with weights_only=True).")] = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="Use seeded random weights (tests and demos only: the labels mean nothing).")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="crops: crop -> resize -> forward per grid box; pooled: one "
+                                      "forward per image, RoIAlign + attention pool per box (RN teachers).")] = "crops",
+    grid: Annotated[str, typer.Option("--grid", help="Crop grid: default (K=30), coarse, whole, or a spec "
+                                      "'1.0:1,0.5:3'.")] = "default",
+    vocab: Annotated[str, typer.Option("--vocab", help="lvis-v1, an LVIS annotation JSON, or a categories JSON.")] = "lvis-v1",
+    templates: Annotated[str, typer.Option("--templates", help="Prompt templates: openai (CLIP's 80), simple (7), "
+                                           "single, or one template containing '{}'.")] = "openai",
+    synonyms: Annotated[bool, typer.Option("--synonyms/--no-synonyms",
+                                           help="Also prompt with each class's synonyms.")] = False,
+    labels: Annotated[str, typer.Option("--labels", help="Source label: cls (index into --class-list), json[:FIELD] "
+                                        "(a wnid or index; field default wnid), or none (teacher pseudo labels).")] = "cls",
+    class_list: Annotated[str, typer.Option("--class-list", help="Class list of .cls indices: imagenet21k (timm's "
+                                            "21,843 wnids) or a file with one wnid per line.")] = "imagenet21k",
+    synset_wnids: Annotated[Optional[Path], typer.Option(
+        "--synset-wnids", help="synset<TAB>wnid table for the vocabulary (default: the shipped LVIS one).")] = None,
+    pseudo_threshold: Annotated[float, typer.Option(
+        "--pseudo-threshold", help="--labels none: hard label = teacher argmax when its probability exceeds this.")] = 0.5,
+    topk: Annotated[int, typer.Option("--topk", help="Classes kept per crop.")] = 16,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature on CLIP's logit scale.")] = 1.0,
+    residual: Annotated[str, typer.Option("--residual", help="How readers treat the mass outside the top-k: "
+                                          "spread (over the other classes) or renormalise.")] = "spread",
+    engine: Annotated[str, typer.Option("--engine", help="eager, compile, tensorrt, or auto (best available).")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, "
+                                           "bf16.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:N.")] = "auto",
+    pooled_size: Annotated[int, typer.Option("--pooled-size", help="Pooled-mode input side (0 = twice the "
+                                             "model's).")] = 0,
+    engine_cache: Annotated[Optional[Path], typer.Option(
+        "--engine-cache", help="TensorRT engine cache folder (default ~/.cache/lt-distill/engines).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher forward (x K crops in crops "
+                                            "mode).")] = 16,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes (decode + crop).")] = 4,
+    shard_capacity: Annotated[int, typer.Option(
+        "--shard-capacity", help="Rows per source shard (0: count the shards' samples when creating).")] = 0,
+    annotations: Annotated[Optional[Path], typer.Option(
+        "--annotations", help="LVIS annotation JSON: also write object-level labels for its boxes (pooled).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the annotations' images.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made with other settings.")] = False,
+    summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write the run summary here.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --random-init weights.")] = 0,
+) -> None:
+    """Run the CLIP teacher over WebDataset shards and write soft labels for every grid crop into a label
+    store (resumable; under torchrun each rank takes shards rank::world_size)."""
+    from ..pipeline.teacher import TeacherConfig
+    from ..stages.precompute import PrecomputeConfig, run_precompute
+
+    teacher = TeacherConfig(model=model, weights=str(weights) if weights else None, random_init=random_init,
+                            seed=seed, vocab=vocab, templates=templates, synonyms=synonyms,
+                            temperature=temperature, pooled_size=pooled_size, device=device, precision=precision,
+                            engine=engine, engine_cache=str(engine_cache) if engine_cache else "")
+    cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher, mode=mode, grid=grid, topk=topk,
+                           residual=residual, labels=labels, class_list=class_list,
+                           synset_wnids=str(synset_wnids) if synset_wnids else "", pseudo_threshold=pseudo_threshold,
+                           batch_size=batch_size, workers=workers, shard_capacity=shard_capacity,
+                           annotations=str(annotations) if annotations else "", images=str(images) if images else "",
+                           overwrite=overwrite, summary_json=str(summary_json) if summary_json else "",
+                           progress=progress)
+    run_precompute(cfg, log=lambda line: console.print(line, soft_wrap=True, highlight=False))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    store: Annotated[Path, typer.Argument(help="Label store.")],
+    shards: Annotated[str, typer.Option("--shards", help="The shard pattern the store was made from.")],
+    key: Annotated[str, typer.Option("--key", help="The sample's __key__.")],
+    out: Annotated[Path, typer.Option("--out", help="Output image (PNG).")],
+    top: Annotated[int, typer.Option("--top", help="Class names shown per crop.")] = 3,
+) -> None:
+    """Draw one image with its crop grid and the top classes of each crop's cached label."""
+    from ..stages.inspect import render_labels
+
+    path = render_labels(store, shards, key, out, top=top)
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("precompute")
+def bench_precompute_cmd(
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
+    model: Annotated[str, typer.Option("--model", help="Teacher architecture (random weights).")] = "lt-tiny-rn",
+    shards: Annotated[int, typer.Option("--shards", help="Generated shards.")] = 4,
+    images_per_shard: Annotated[int, typer.Option("--images-per-shard", help="Images per generated shard.")] = 48,
+    grid: Annotated[str, typer.Option("--grid", help="Crop grid.")] = "default",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers of the job.")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher forward.")] = 16,
+    engines: Annotated[str, typer.Option("--engines", help="Engines to time, comma-separated (unavailable ones are "
+                                         "reported as such).")] = "eager,compile,tensorrt",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda:N.")] = "auto",
+) -> None:
+    """Stage rates (read+decode+crop, teacher, top-k+write), whole-job rate and efficiency in crops and pooled
+    mode, crops-vs-pooled cost, and images/s per engine, on generated shards."""
+    from ..bench.precompute import bench_precompute, print_results
+
+    results = bench_precompute(model=model, num_shards=shards, images_per_shard=images_per_shard, grid=grid,
+                               workers=workers, batch_size=batch_size,
+                               engines=[e.strip() for e in engines.split(",") if e.strip()], device=device)
+    print_results(results, console)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {json_out}")

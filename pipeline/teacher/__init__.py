@@ -1,0 +1,48 @@
+"""CLIP teacher: open_clip model + local weights, class text embeddings, crops / pooled scoring, engines.
+
+    from lt_distill.pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize
+    teacher = build_teacher(TeacherConfig(model="RN50", weights="RN50.openai.bin"))
+    probs = teacher.score_crops(image_hwc_uint8, boxes_xyxy_normalised)      # (K, C)
+    probs = teacher.score_pooled(image_hwc_uint8, boxes_xyxy_normalised)     # (K, C), RoIAlign + attnpool
+"""
+
+from .config import ENGINES, MODES, PRECISIONS, SHIPPED_MODEL_CONFIGS, TeacherConfig, register_model_configs
+from .engines import (
+    PARITY_TOLERANCE,
+    Engine,
+    ParityCheck,
+    build_engine,
+    default_engine_cache,
+    resolve_engine,
+    tensorrt_unavailable_reason,
+)
+from .model import (
+    CropEncoder,
+    ResNetTrunk,
+    Teacher,
+    TeacherError,
+    build_teacher,
+    encode_class_texts,
+    file_sha256,
+    load_open_clip,
+    resolve_device,
+    resolve_precision,
+)
+from .preprocess import (
+    GridCrops,
+    ImageDecodeError,
+    Normalize,
+    WholeImage,
+    crop_and_resize,
+    decode_image,
+    pixel_boxes,
+    resize_image,
+)
+
+__all__ = [
+    "ENGINES", "MODES", "PARITY_TOLERANCE", "PRECISIONS", "SHIPPED_MODEL_CONFIGS", "CropEncoder", "Engine", "GridCrops",
+    "ImageDecodeError", "Normalize", "ParityCheck", "ResNetTrunk", "Teacher", "TeacherConfig", "TeacherError",
+    "build_engine", "build_teacher", "crop_and_resize", "decode_image", "default_engine_cache",
+    "encode_class_texts", "file_sha256", "load_open_clip", "pixel_boxes", "register_model_configs",
+    "resize_image", "resolve_device", "resolve_engine", "resolve_precision", "tensorrt_unavailable_reason", "WholeImage",
+]

@@ -1,0 +1,723 @@
+"""Stage 1: run the CLIP teacher over WebDataset shards and write soft labels into a label store.
+
+Data flow (each stage overlaps the others)::
+
+    DataLoader workers: tar -> decode -> label map -> grid crops / resized image   (ShardChunks)
+    main process:       batches of one shard's good samples -> teacher -> top-k     (on the device)
+    writer thread:      one whole source shard -> LabelStore.write_shard            (labels, then status)
+
+Teacher batches never cross a source shard and always start at the shard's first good sample, so the
+labels of a shard do not depend on which rank, worker or run made them: a resumed or distributed job
+writes a store identical, array by array, to a single uninterrupted run.
+
+Resuming: rerunning the same command skips shards the store already holds; a store made with other
+settings is refused (naming the fields) unless ``overwrite``. Under torchrun, rank r owns shards
+r::world_size (NCCL on CUDA, gloo on the CPU). Object-level labels for LVIS annotation boxes
+(:func:`run_objects`) always use the pooled path.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError, LtDistillError
+from ..pipeline.grid import GridSpec
+from ..pipeline.shards import ShardChunk, ShardChunks, count_samples, expand_shards
+from ..pipeline.teacher import GridCrops, Teacher, TeacherConfig, WholeImage, build_teacher
+from ..pipeline.vocab import (
+    HardLabeler,
+    LabelSource,
+    WnidMapper,
+    class_list_sha256,
+    load_class_list,
+    load_synset_wnids,
+    load_vocabulary,
+)
+from ..store import (
+    REASON_CODES,
+    REASONS,
+    STATUS_DONE,
+    STATUS_FAILED,
+    LabelStore,
+    ObjectBlock,
+    ShardResult,
+    StoreError,
+    StoreLayout,
+    check_compatible,
+    is_label_store,
+)
+
+MODES = ("crops", "pooled")
+
+
+@dataclasses.dataclass
+class PrecomputeConfig:
+    """One precompute job. ``batch_size`` counts images per teacher forward (x K crops in crops mode)."""
+
+    store: str = ""
+    shards: str = ""  # brace pattern of WebDataset shards ("" with annotations: objects only)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    mode: str = "crops"
+    grid: str = "default"
+    topk: int = 16
+    residual: str = "spread"
+    labels: str = "cls"  # cls | json[:FIELD] | none
+    class_list: str = "imagenet21k"  # .cls index space: named list or file (one wnid a line)
+    synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
+    pseudo_threshold: float = 0.5  # labels=none: hard label = teacher argmax if its probability exceeds this
+    batch_size: int = 16
+    workers: int = 4
+    chunk_size: int = 8  # samples per worker -> main hand-over
+    prefetch: int = 4  # chunks in flight per worker
+    shard_capacity: int = 0  # rows per source shard; 0 = count every shard's samples when creating
+    min_image_size: int = 8  # images with a shorter side are failed as too_small
+    annotations: str = ""  # LVIS annotation JSON: object-level labels for its boxes
+    images: str = ""  # folder of the annotations' images
+    object_block_size: int = 4096
+    overwrite: bool = False
+    summary_json: str = ""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("topk", "batch_size", "chunk_size", "prefetch", "object_block_size", "min_image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0 or self.shard_capacity < 0:
+            raise ConfigError("workers and shard_capacity must be >= 0")
+        if not 0 <= self.pseudo_threshold <= 1:
+            raise ConfigError(f"pseudo_threshold must be in [0, 1], got {self.pseudo_threshold}")
+        if bool(self.annotations) != bool(self.images):
+            raise ConfigError("object labels need both --annotations (LVIS JSON) and --images (its image folder)")
+        if not self.store:
+            raise ConfigError("no --store path given")
+        if not self.shards and not self.annotations:
+            raise ConfigError("nothing to do: give --shards (classification images) and/or --annotations + --images")
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # this module initialised the process group (and destroys it)
+
+    def broadcast(self, value: Any) -> Any:
+        """``value`` from rank 0, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL with CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    owns = False
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        owns = True
+    return Dist(dist.get_rank(), dist.get_world_size(), owns)
+
+
+def _agree(d: Dist, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on rank 0; every rank returns its result or raises its user error."""
+    result, error = None, None
+    if d.rank == 0:
+        try:
+            result = action()
+        except LtDistillError as exc:
+            error = exc
+    message = d.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise LtDistillError(message.split(": ", 1)[1])
+    return d.broadcast(result)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclasses.dataclass
+class Job:
+    """Everything resolved from a config before any label is made."""
+
+    cfg: PrecomputeConfig
+    teacher: Teacher
+    grid: GridSpec
+    urls: list[str]
+    labeler: HardLabeler
+    settings: dict[str, Any]  # the "precompute" attribute group
+    pattern: str
+
+
+def _canonical_pattern(pattern: str) -> str:
+    parts = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        parts.append(part if part.startswith("pipe:") or "://" in part else os.path.abspath(part))
+    return "::".join(parts)
+
+
+def prepare_job(cfg: PrecomputeConfig) -> Job:
+    """Resolve shards, vocabulary, labels and grid, and build the teacher (raises user errors first,
+    before anything expensive)."""
+    urls = expand_shards(cfg.shards) if cfg.shards else []
+    grid = GridSpec.parse(cfg.grid)
+    if cfg.residual not in ("spread", "renormalise"):
+        raise ConfigError(f"residual must be spread or renormalise, got {cfg.residual!r}")
+    vocabulary = load_vocabulary(cfg.teacher.vocab)
+    if cfg.topk > len(vocabulary):
+        raise ConfigError(f"topk {cfg.topk} exceeds the vocabulary's {len(vocabulary)} classes")
+    source = LabelSource.parse(cfg.labels)
+    class_list = load_class_list(cfg.class_list) if source.kind != "none" else None
+    mapper = WnidMapper(vocabulary, load_synset_wnids(cfg.synset_wnids or None))
+    labeler = HardLabeler(source, mapper, class_list)
+    teacher_cfg = dataclasses.replace(cfg.teacher)
+    k = grid.num_boxes
+    teacher_cfg.crop_batch = cfg.batch_size * k
+    teacher_cfg.pooled_batch = cfg.batch_size
+    teacher = build_teacher(teacher_cfg, vocabulary)
+    if urls:
+        teacher.engine(cfg.mode)  # build + parity-check now: the store records the engine actually used
+    if cfg.annotations:
+        teacher.engine("pooled")
+    settings = {
+        "labels": source.spec,
+        "class_list": cfg.class_list if class_list is not None else None,
+        "class_list_sha256": class_list_sha256(class_list) if class_list is not None else None,
+        "mapped_classes": len(set(mapper.wnid_to_class.values())),
+        "pseudo_threshold": cfg.pseudo_threshold if source.kind == "none" else None,
+        "min_image_size": cfg.min_image_size,
+        "batch_size": cfg.batch_size,
+    }
+    return Job(cfg, teacher, grid, urls, labeler, settings, _canonical_pattern(cfg.shards) if cfg.shards else "")
+
+
+def expected_attributes(job: Job) -> dict[str, Any]:
+    """Attributes a store must have for this job to resume it (dotted paths -> values)."""
+    prov = job.teacher.provenance(job.cfg.mode)
+    expected = {
+        "vocabulary.sha256": job.teacher.vocabulary.sha256,
+        "grid.spec": job.grid.spec,
+        "encoding.topk": job.cfg.topk,
+        "encoding.residual": job.cfg.residual,
+        "source.pattern": job.pattern,
+        "layout.num_shards": len(job.urls),
+    }
+    for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "pooled_size",
+                  "temperature", "prompt_templates", "synonyms", "text_fingerprint"):
+        expected[f"teacher.{field}"] = prov[field]
+    for field in ("labels", "class_list_sha256", "pseudo_threshold", "min_image_size"):
+        expected[f"precompute.{field}"] = job.settings[field]
+    if job.cfg.shard_capacity:
+        expected["layout.shard_capacity"] = job.cfg.shard_capacity
+    return expected
+
+
+def _round_up(n: int, multiple: int = 16) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def open_or_create_store(job: Job, d: Dist) -> LabelStore:
+    """Resume a matching store, or create one (``overwrite`` replaces a mismatching one)."""
+    cfg, path = job.cfg, Path(job.cfg.store)
+
+    def decide() -> str:
+        if not is_label_store(path):
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise StoreError(f"{path} exists and is not a label store; refusing to write there")
+            return "create"
+        if cfg.overwrite:
+            return "create"
+        check_compatible(LabelStore.open(path, "r").attrs, expected_attributes(job), f"label store {path}")
+        return "resume"
+
+    action = _agree(d, decide)
+    if action == "create":
+        capacity = cfg.shard_capacity
+        if not capacity:  # count every shard's samples, split over ranks
+            counts = d.gather({s: count_samples(job.urls[s]) for s in range(d.rank, len(job.urls), d.world)})
+            capacity = _round_up(max([n for part in counts for n in part.values()] + [1]))
+
+        def create() -> None:
+            prov = job.teacher.provenance(cfg.mode)
+            layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity, num_crops=job.grid.num_boxes,
+                                 topk=cfg.topk, num_classes=len(job.teacher.vocabulary))
+            store = LabelStore.create(
+                path, layout, teacher=prov, vocabulary=job.teacher.vocabulary.names, grid_spec=job.grid.spec,
+                grid_boxes=job.grid.boxes(), residual=cfg.residual,
+                source={"pattern": job.pattern, "num_shards": len(job.urls)},
+                extra={"precompute": job.settings}, overwrite=cfg.overwrite)
+            store.write_text_embeddings(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint)
+
+        _agree(d, create)
+    store = LabelStore.open(path, "r+")
+    check_compatible(store.attrs, expected_attributes(job), f"label store {path}")
+    return store
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+@dataclasses.dataclass
+class _ShardState:
+    """One source shard in flight in the main process."""
+
+    shard: int
+    chunks: list[ShardChunk] = dataclasses.field(default_factory=list)
+    pending: list[torch.Tensor] = dataclasses.field(default_factory=list)  # inputs not yet scored
+    pending_images: int = 0
+    index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (b, K, k) per batch
+    prob: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    finite: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class ShardLabeler:
+    """Main-process stage: turns :class:`ShardChunk` items into whole-shard :class:`ShardResult` objects."""
+
+    def __init__(self, teacher: Teacher, mode: str, grid_boxes: np.ndarray, topk: int, batch_size: int,
+                 pseudo_threshold: float | None) -> None:
+        self.teacher = teacher
+        self.mode = mode
+        self.boxes = torch.as_tensor(np.asarray(grid_boxes, dtype=np.float32))
+        self.rows_per_image = len(self.boxes) if mode == "crops" else 1
+        self.topk = topk
+        self.batch_size = batch_size
+        self.pseudo_threshold = pseudo_threshold
+        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        self.whole = int(torch.argmax(areas))  # the box whose top-1 is an image's pseudo label
+        self.states: dict[int, _ShardState] = {}
+
+    def _run_batch(self, st: _ShardState, images: int) -> None:
+        x = torch.cat(st.pending) if len(st.pending) > 1 else st.pending[0]
+        rows = images * self.rows_per_image
+        batch, rest = x[:rows], x[rows:]
+        st.pending = [rest] if len(rest) else []
+        st.pending_images -= images
+        if self.mode == "crops":
+            probs = self.teacher.score_crop_batch(batch).view(images, len(self.boxes), -1)
+        else:
+            probs = self.teacher.score_pooled_batch(batch, self.boxes)
+        st.finite.append(torch.isfinite(probs).all(dim=2).all(dim=1))
+        prob, index = torch.topk(torch.nan_to_num(probs, nan=0.0), self.topk, dim=-1)
+        st.index.append(index)
+        st.prob.append(prob)
+
+    def add(self, chunk: ShardChunk) -> ShardResult | None:
+        """Take one chunk; returns the shard's result when this chunk was its last."""
+        st = self.states.setdefault(chunk.shard, _ShardState(chunk.shard))
+        st.chunks.append(dataclasses.replace(chunk, inputs=torch.empty(0)))
+        good = int(chunk.ok.sum())
+        if good:
+            st.pending.append(chunk.inputs)
+            st.pending_images += good
+        while st.pending_images >= self.batch_size:
+            self._run_batch(st, self.batch_size)
+        if not chunk.end:
+            return None
+        if st.pending_images:
+            self._run_batch(st, st.pending_images)
+        del self.states[chunk.shard]
+        return self._finish(st)
+
+    def _finish(self, st: _ShardState) -> ShardResult:
+        keys = [k for c in st.chunks for k in c.keys]
+        positions = torch.cat([c.positions for c in st.chunks]).numpy()
+        if not np.array_equal(positions, np.arange(len(keys))):
+            raise RuntimeError(f"shard {st.shard}: chunks arrived out of order")
+        sizes = torch.cat([c.sizes for c in st.chunks]).numpy().reshape(-1, 2)
+        hard = torch.cat([c.hard_labels for c in st.chunks]).numpy().astype(np.int32)
+        reasons = torch.cat([c.reasons for c in st.chunks]).numpy().astype(np.uint8)
+        n, kk, k = len(keys), len(self.boxes), self.topk
+        index = np.full((n, kk, k), -1, np.int16)
+        prob = np.zeros((n, kk, k), np.float16)
+        good = np.nonzero(reasons == 0)[0]
+        if len(good):
+            gi = torch.cat(st.index).cpu().numpy()
+            gp = torch.cat(st.prob).float().cpu()
+            finite = torch.cat(st.finite).cpu().numpy()
+            index[good] = gi.astype(np.int16)
+            prob[good] = gp.numpy().astype(np.float16)
+            reasons[good[~finite]] = REASON_CODES["teacher_error"]
+            if self.pseudo_threshold is not None:
+                top_p = gp[:, self.whole, 0].numpy()
+                top_i = gi[:, self.whole, 0]
+                hard[good] = np.where(top_p > self.pseudo_threshold, top_i, -1)
+        status = np.where(reasons == 0, STATUS_DONE, STATUS_FAILED).astype(np.uint8)
+        hard[status != STATUS_DONE] = -1
+        return ShardResult(keys=keys, sizes=sizes, hard_labels=hard, status=status, reasons=reasons,
+                           index=index, prob=prob)
+
+
+class _Progress:
+    """A rich progress bar over images (total estimated from the shards' sizes), with images/s and ETA."""
+
+    def __init__(self, enabled: bool, shards: int, per_shard: float) -> None:
+        self.enabled = enabled and shards > 0
+        self.remaining_shards = shards
+        self.per_shard = per_shard
+        self.done_images = 0
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.bar = Progress(TextColumn("[bold]precompute"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("images"), TextColumn("{task.fields[rate]:>8.1f} img/s"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("precompute", total=int(shards * per_shard), rate=0.0)
+            self.start = time.perf_counter()
+            self.bar.start()
+
+    def advance(self, images: int) -> None:
+        self.done_images += images
+        if self.enabled:
+            rate = self.done_images / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.update(self.task, advance=images, rate=rate)
+
+    def shard_done(self) -> None:
+        self.remaining_shards -= 1
+        if self.enabled:  # re-estimate the total from what shards really hold
+            self.bar.update(self.task, total=self.done_images + int(self.remaining_shards * self.per_shard))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool = True) -> dict[str, Any]:
+    """Label ``shards`` (indices into ``job.urls``) and write each into ``store``. Returns this process's
+    counts: shards, images done / failed by reason, notes, seconds."""
+    cfg, teacher = job.cfg, job.teacher
+    if cfg.mode == "crops":
+        prepare = GridCrops(job.grid.boxes(), teacher.input_size)
+    else:
+        prepare = WholeImage(teacher.pooled_size)
+    dataset = ShardChunks([(s, job.urls[s]) for s in shards], job.labeler, prepare, prepare.output_shape,
+                          chunk_size=cfg.chunk_size, min_image_size=cfg.min_image_size)
+    workers = min(cfg.workers, len(shards))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                        prefetch_factor=cfg.prefetch if workers else None,
+                        pin_memory=teacher.device.type == "cuda")
+    labeler = ShardLabeler(teacher, cfg.mode, job.grid.boxes(), cfg.topk, cfg.batch_size,
+                           cfg.pseudo_threshold if job.labeler.source.kind == "none" else None)
+    rows_done = store.shard_num_rows()[store.shards_done()]
+    per_shard = float(rows_done.mean()) if len(rows_done) else float(store.layout.shard_capacity)
+    bar = _Progress(progress, len(shards), per_shard)
+    counts: dict[str, Any] = {"shards": 0, "done": 0, "failed": collections.Counter(), "notes": []}
+    start = time.perf_counter()
+    in_flight: collections.deque = collections.deque()
+
+    def write(shard: int, result: ShardResult) -> ShardResult:
+        store.write_shard(shard, result)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lt-store-writer") as writer:
+        def collect(future: concurrent.futures.Future) -> None:
+            result = future.result()
+            counts["shards"] += 1
+            counts["done"] += int((result.status == STATUS_DONE).sum())
+            for code in result.reasons[result.status == STATUS_FAILED]:
+                counts["failed"][REASONS[int(code)]] += 1
+            bar.shard_done()
+
+        try:
+            for chunk in loader:
+                counts["notes"].extend(chunk.notes)
+                result = labeler.add(chunk)
+                bar.advance(len(chunk.keys))
+                if result is not None:
+                    in_flight.append(writer.submit(write, chunk.shard, result))
+                    while len(in_flight) > 2:  # bound memory: at most two shards waiting to be written
+                        collect(in_flight.popleft())
+            while in_flight:
+                collect(in_flight.popleft())
+        finally:
+            bar.close()
+    counts["seconds"] = time.perf_counter() - start
+    counts["failed"] = dict(counts["failed"])
+    return counts
+
+
+def _merge_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    failed: collections.Counter = collections.Counter()
+    for p in parts:
+        failed.update(p["failed"])
+    return {
+        "shards": sum(p["shards"] for p in parts),
+        "images_done": sum(p["done"] for p in parts),
+        "images_failed": sum(failed.values()),
+        "failed_by_reason": dict(sorted(failed.items())),
+        "notes": [n for p in parts for n in p["notes"]],
+        "seconds": max((p["seconds"] for p in parts), default=0.0),
+    }
+
+
+def run_precompute(cfg: PrecomputeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the job described by ``cfg`` (resuming a matching store). Returns the summary (also written
+    to ``cfg.summary_json`` when set); only rank 0 logs."""
+    d = init_distributed()
+    say = log if d.rank == 0 else (lambda _msg: None)
+    try:
+        t0 = time.perf_counter()
+        job = prepare_job(cfg)
+        summary: dict[str, Any] = {"store": str(cfg.store), "world_size": d.world,
+                                   "teacher": {k: v for k, v in job.teacher.provenance(cfg.mode).items()
+                                               if k in ("model", "engine", "precision", "mode", "input_size",
+                                                        "pooled_size")}}
+        summary["teacher"]["device"] = str(job.teacher.device)
+        if job.urls:
+            store = open_or_create_store(job, d)
+            done = store.shards_done()
+            mine = [s for s in range(d.rank, len(job.urls), d.world) if not done[s]]
+            say(f"precompute: {len(job.urls)} shards, {int(done.sum())} already done, "
+                f"{sum(d.gather(len(mine)))} to label ({cfg.mode}, grid {job.grid.spec} K={job.grid.num_boxes}, "
+                f"teacher {job.teacher.model_name} on {job.teacher.device}, engine {job.teacher.engine(cfg.mode).name})")
+            counts = label_shards(job, store, mine, progress=cfg.progress and d.rank == 0)
+            merged = _merge_counts(d.gather(counts))
+            d.barrier()
+            status = store.group["rows/status"][:]
+            reasons = store.group["rows/reason"][:][status == STATUS_FAILED]
+            merged["images_per_s"] = (merged["images_done"] + merged["images_failed"]) / max(merged["seconds"], 1e-9)
+            merged["store"] = {
+                "shards_done": int(store.shards_done().sum()), "shards_total": len(job.urls),
+                "images_done": int((status == STATUS_DONE).sum()), "images_failed": int((status == STATUS_FAILED).sum()),
+                "failed_by_reason": {REASONS[int(c)]: int(n) for c, n in zip(*np.unique(reasons, return_counts=True))},
+            }
+            summary["classification"] = merged
+        if cfg.annotations:
+            summary["objects"] = run_objects(job, d, say)
+        summary["seconds"] = time.perf_counter() - t0
+        if d.rank == 0:
+            _print_summary(summary, say)
+            if cfg.summary_json:
+                Path(cfg.summary_json).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _print_summary(summary: dict[str, Any], say: Callable[[str], None]) -> None:
+    c = summary.get("classification")
+    if c is not None:
+        failed = ", ".join(f"{k} {v}" for k, v in c["failed_by_reason"].items()) or "none"
+        say(f"this run: {c['shards']} shards, {c['images_done']} images done, {c['images_failed']} failed "
+            f"({failed}), {c['images_per_s']:.1f} images/s over {c['seconds']:.1f} s")
+        s = c["store"]
+        failed = ", ".join(f"{k} {v}" for k, v in s["failed_by_reason"].items()) or "none"
+        say(f"store: {s['shards_done']}/{s['shards_total']} shards done, {s['images_done']} images done, "
+            f"{s['images_failed']} failed ({failed})")
+        for note in c["notes"]:
+            say(f"note: {note}")
+    o = summary.get("objects")
+    if o is not None:
+        say(f"objects: {o['done']} of {o['num_objects']} boxes labelled this run in {o['blocks']} blocks, "
+            f"{o['failed']} failed ({', '.join(f'{k} {v}' for k, v in o['failed_by_reason'].items()) or 'none'})")
+
+
+# ---------------------------------------------------------------------------------------------------- objects
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _image_path(images_dir: Path, image: dict[str, Any]) -> Path:
+    """Where an LVIS/COCO image is: ``file_name``, else the tail of ``coco_url`` (split/name, then name)."""
+    candidates = []
+    if image.get("file_name"):
+        candidates.append(images_dir / image["file_name"])
+    url = image.get("coco_url") or ""
+    if url:
+        parts = url.rstrip("/").split("/")
+        candidates += [images_dir / "/".join(parts[-2:]), images_dir / parts[-1]]
+    for path in candidates:
+        if path.is_file():
+            return path
+    return candidates[0] if candidates else images_dir / str(image["id"])
+
+
+def load_annotations(path: str) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """LVIS/COCO annotation JSON -> (annotations sorted by (image_id, id), images by id)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"annotation file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"annotation file {p} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+        raise ConfigError(f"annotation file {p} needs 'images' and 'annotations' (LVIS/COCO format)")
+    anns = sorted(data["annotations"], key=lambda a: (a["image_id"], a["id"]))
+    if not anns:
+        raise ConfigError(f"annotation file {p} has no annotations")
+    return anns, {img["id"]: img for img in data["images"]}
+
+
+class _ObjectImages(torch.utils.data.IterableDataset):
+    """Per pending object block, each of its images decoded and resized for the pooled path:
+    yields (block, image_id, image (3, P, P) uint8 or None, (h, w), end_of_block)."""
+
+    def __init__(self, blocks: list[tuple[int, list[int]]], paths: dict[int, str], size: int) -> None:
+        super().__init__()
+        self.blocks, self.paths, self.prepare = blocks, paths, WholeImage(size)
+
+    def __iter__(self):
+        from ..pipeline.teacher import ImageDecodeError, decode_image
+
+        info = torch.utils.data.get_worker_info()
+        blocks = self.blocks if info is None else self.blocks[info.id::info.num_workers]
+        for block, image_ids in blocks:
+            for i, image_id in enumerate(image_ids):
+                try:
+                    image = decode_image(Path(self.paths[image_id]).read_bytes())
+                except (OSError, ImageDecodeError):
+                    yield block, image_id, None, (0, 0), i == len(image_ids) - 1
+                    continue
+                yield block, image_id, self.prepare(image)[0], image.shape[:2], i == len(image_ids) - 1
+
+
+def run_objects(job: Job, d: Dist, say: Callable[[str], None]) -> dict[str, Any]:
+    """Object-level labels (pooled path) for every annotation box, written block by block."""
+    cfg, teacher = job.cfg, job.teacher
+    anns, images = load_annotations(cfg.annotations)
+    images_dir = Path(cfg.images)
+    if not images_dir.is_dir():
+        raise ConfigError(f"image folder not found: {images_dir}")
+    path = Path(cfg.store)
+    source = json.dumps({"annotations": os.path.abspath(cfg.annotations), "sha256": _sha256_file(Path(cfg.annotations)),
+                         "pooled_size": teacher.pooled_size, "text_fingerprint": teacher.fingerprint["sha256"]},
+                        sort_keys=True)
+
+    def setup() -> None:
+        if not is_label_store(path):
+            raise StoreError(f"no label store at {path}: object labels go into a store made by a "
+                             "classification run (give --shards too)")
+        store = LabelStore.open(path, "r+")
+        check_compatible(store.attrs, {"vocabulary.sha256": teacher.vocabulary.sha256,
+                                       "teacher.model": teacher.model_name,
+                                       "teacher.weights_sha256": teacher.weights_id,
+                                       "teacher.text_fingerprint": teacher.fingerprint["sha256"],
+                                       "encoding.topk": cfg.topk}, f"label store {path}")
+        store.create_objects(len(anns), cfg.object_block_size, source=source, overwrite=cfg.overwrite)
+
+    _agree(d, setup)
+    store = LabelStore.open(path, "r+")
+    bs = cfg.object_block_size
+    done = store.objects_blocks_done()
+    pending = [b for b in range(d.rank, len(done), d.world) if not done[b]]
+    blocks = []
+    for b in pending:
+        ids = list(dict.fromkeys(a["image_id"] for a in anns[b * bs:(b + 1) * bs]))
+        blocks.append((b, ids))
+    paths = {}
+    for _, ids in blocks:
+        for image_id in ids:
+            if image_id not in images:
+                raise ConfigError(f"annotation refers to image id {image_id}, which the JSON does not list")
+            paths[image_id] = str(_image_path(images_dir, images[image_id]))
+    loader = DataLoader(_ObjectImages(blocks, paths, teacher.pooled_size), batch_size=None,
+                        num_workers=min(cfg.workers, len(blocks)),
+                        pin_memory=teacher.device.type == "cuda")
+    counts = {"blocks": 0, "done": 0, "failed": collections.Counter()}
+    block_images: dict[int, list] = collections.defaultdict(list)
+    for block, image_id, image, size, end in loader:
+        block_images[block].append((image_id, image, size))
+        if not end:
+            continue
+        items = block_images.pop(block)
+        block_anns = anns[block * bs:(block + 1) * bs]
+        data, failed_reasons = _label_object_block(teacher, cfg.topk, cfg.batch_size, block_anns, items)
+        store.write_objects_block(block, data)
+        counts["blocks"] += 1
+        counts["done"] += int((data.status == STATUS_DONE).sum())
+        counts["failed"].update(failed_reasons)
+    parts = d.gather({"blocks": counts["blocks"], "done": counts["done"], "failed": dict(counts["failed"])})
+    failed: collections.Counter = collections.Counter()
+    for p in parts:
+        failed.update(p["failed"])
+    return {"num_objects": len(anns), "blocks": sum(p["blocks"] for p in parts),
+            "done": sum(p["done"] for p in parts), "failed": sum(failed.values()),
+            "failed_by_reason": dict(sorted(failed.items()))}
+
+
+def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list[dict[str, Any]],
+                        items: list[tuple[int, torch.Tensor | None, tuple[int, int]]]) -> tuple[ObjectBlock, list[str]]:
+    """Pooled labels for one block's annotations; ``items`` are its images in order of first use.
+    Returns the block and the failure reason of each failed annotation."""
+    n = len(anns)
+    index = np.full((n, topk), -1, np.int16)
+    prob = np.zeros((n, topk), np.float16)
+    status = np.full(n, STATUS_FAILED, np.uint8)
+    reasons: list[str | None] = [None] * n
+    by_image: dict[int, list[int]] = collections.defaultdict(list)
+    for i, a in enumerate(anns):
+        by_image[a["image_id"]].append(i)
+    good = [(image_id, image, size) for image_id, image, size in items if image is not None]
+    for image_id, image, _ in items:
+        if image is None:
+            for i in by_image[image_id]:
+                reasons[i] = "undecodable"
+    for start in range(0, len(good), batch_size):
+        batch = good[start:start + batch_size]
+        rows = [by_image[image_id] for image_id, _, _ in batch]
+        kmax = max(len(r) for r in rows)
+        boxes = np.zeros((len(batch), kmax, 4), np.float32)
+        valid = np.zeros((len(batch), kmax), bool)
+        for j, ((_, _, (h, w)), idxs) in enumerate(zip(batch, rows)):
+            for slot, i in enumerate(idxs):
+                x, y, bw, bh = (float(v) for v in anns[i]["bbox"])
+                if bw <= 0 or bh <= 0:
+                    reasons[i] = "too_small"
+                    continue
+                boxes[j, slot] = [max(x, 0) / w, max(y, 0) / h, min(x + bw, w) / w, min(y + bh, h) / h]
+                valid[j, slot] = True
+        probs = teacher.score_pooled_batch(torch.stack([im for _, im, _ in batch]), torch.from_numpy(boxes))
+        top_p, top_i = torch.topk(probs, topk, dim=-1)
+        top_p, top_i = top_p.float().cpu().numpy(), top_i.cpu().numpy()
+        finite = torch.isfinite(probs).all(-1).cpu().numpy()
+        for j, idxs in enumerate(rows):
+            for slot, i in enumerate(idxs):
+                if not valid[j, slot]:
+                    continue
+                if not finite[j, slot]:
+                    reasons[i] = "teacher_error"
+                    continue
+                index[i], prob[i], status[i] = top_i[j, slot], top_p[j, slot], STATUS_DONE
+    block = ObjectBlock(ann_ids=np.array([a["id"] for a in anns], np.int64),
+                        image_ids=np.array([a["image_id"] for a in anns], np.int64),
+                        boxes=np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4),
+                        index=index, prob=prob, status=status)
+    return block, [r or "undecodable" for r, st in zip(reasons, status) if st != STATUS_DONE]
