@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -75,3 +76,122 @@ def eval_cmd(
     if json_out is not None:
         write_metrics_json(json_out, result)
         console.print(f"wrote {json_out}")
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="TOML/JSON training config (see configs/). With --resume and no --config, the run's "
+                         "own config.json is used.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config value: --set optim.lr=2e-4 --set data.batch_size=4 (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Shortcut for --set output_dir=DIR.")
+                          ] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in output_dir from its last checkpoint, exactly.")] = False,
+    finetune_from: Annotated[Optional[Path], typer.Option(
+        "--finetune-from", help="Initialise from this checkpoint's weights; tensors whose name or shape differ "
+                                "(e.g. another vocabulary) are skipped and listed.")] = None,
+) -> None:
+    """Train the detector from cached soft labels (stage 2). Under torchrun: DDP (NCCL on GPU, gloo on CPU).
+    Logs: <output_dir>/metrics.jsonl, TensorBoard in <output_dir>/tensorboard; checkpoints in
+    <output_dir>/checkpoints; final weights <output_dir>/model_final.pt."""
+    from ..stages.train.config import train_config
+    from ..stages.train.loop import train
+
+    sets = list(overrides or [])
+    if output_dir is not None:
+        sets.append(f"output_dir={json.dumps(str(output_dir))}")
+    if finetune_from is not None:
+        sets.append(f"finetune_from={json.dumps(str(finetune_from))}")
+    base = None
+    if config is None:
+        run_dir = output_dir or _output_dir_from(sets)
+        if not resume or run_dir is None or not (run_dir / "config.json").is_file():
+            raise LtDistillError("give --config FILE (or --resume --output-dir RUN_DIR of an existing run)")
+        base = json.loads((run_dir / "config.json").read_text())
+    cfg = train_config(config, sets, base=base)
+    result = train(cfg, resume=resume, console=console)
+    if result.final_model is None:  # not rank 0
+        return
+    table = Table(title=f"training done: {result.iterations} iterations", show_header=False)
+    table.add_row("output", str(result.output_dir))
+    table.add_row("final model", str(result.final_model))
+    table.add_row("throughput", f"{result.images_per_s:.2f} images/s (all processes)")
+    if result.losses:
+        table.add_row("last loss", f"{result.losses.get('loss', float('nan')):.4f}")
+    if result.skipped:
+        table.add_row("skipped samples", ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
+    console.print(table)
+    if result.eval_metrics:
+        console.print(metrics_table(result.eval_metrics, "final evaluation, box AP (%)"))
+
+
+def _output_dir_from(sets: list[str]) -> Optional[Path]:
+    from ..config import parse_override
+
+    for item in reversed(sets):
+        keys, value = parse_override(item)
+        if keys == ["output_dir"]:
+            return Path(str(value))
+    return None
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Training output directory (holds metrics.jsonl).")],
+    store: Annotated[Optional[Path], typer.Option("--store", help="Also plot this label store's statistics.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs (default RUN_DIR/plots).")] = None,
+) -> None:
+    """PNG plots of a run: loss terms over iterations (per batch source), learning rate / throughput,
+    AP by frequency group (AP, APr, APc, APf), and label-store statistics when given --store."""
+    from ..pipeline.report import write_report
+
+    for path in write_report(run_dir, store=store, out_dir=out):
+        console.print(f"wrote {path}")
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its data, store and run "
+                                          "(recreated; only a previous demo directory is ever deleted).")
+                       ] = Path("lt-distill-demo"),
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help="Training iterations (default 400).")
+                          ] = None,
+    small: Annotated[bool, typer.Option("--small", help="The reduced demo of the test suite (about a minute).")
+                     ] = False,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = torch's default).")] = 0,
+) -> None:
+    """The built-in example, end to end on a synthetic long-tailed dataset: make data -> precompute
+    (tiny CLIP teacher, random weights) -> train the tiny detector from the cached labels -> evaluate
+    with lvis-api -> plots. Prints store size, throughput, AP/APr/APc/APf and where the plots are."""
+    import dataclasses
+
+    from ..stages.demo.driver import DemoConfig, run_demo
+
+    cfg = DemoConfig.small() if small else DemoConfig()
+    if iterations is not None:
+        cfg = dataclasses.replace(cfg, max_iters=iterations)
+    if threads:
+        cfg = dataclasses.replace(cfg, threads=threads)
+    summary = run_demo(workdir, cfg, log=console.print)
+    console.print(demo_table(summary))
+
+
+def demo_table(summary: dict) -> Table:
+    from ..pipeline.evaluate import format_metric
+
+    store, tr, ev = summary["store"], summary["train"], summary["eval"]
+    table = Table(title="lt-distill demo", show_header=False)
+    table.add_row("label store", f"{store['path']}: {store['bytes'] / 1024:.1f} KiB on disk, {store['images']} "
+                                 f"images ({store['bytes_per_image']:.0f} B/image), {store['objects']} object labels")
+    table.add_row("precompute", f"{summary['precompute_images_per_s']:.1f} images/s (tiny teacher, CPU)")
+    table.add_row("training", f"{tr['iterations']} iterations, {tr['images_per_s']:.2f} images/s, "
+                              f"last loss {tr['last_loss']:.3f}")
+    metrics, chance = ev["metrics"], ev["chance"]
+    table.add_row("box AP (%)", "  ".join(f"{k} {format_metric(metrics[k])}" for k in ("AP", "APr", "APc", "APf")))
+    table.add_row("chance AP (%)", "  ".join(f"{k} {format_metric(chance[k])}" for k in ("AP", "APr", "APc", "APf"))
+                  + "  (random boxes and classes)")
+    table.add_row("plots", "\n".join(summary["plots"]))
+    table.add_row("time", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in summary["timings_s"].items()))
+    return table

@@ -53,13 +53,18 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> Path | None:
     axes = fig.subplots(rows, cols, squeeze=False)
     sources = sorted({r.get("source", "all") for r in train})
     for ax, term in zip(axes.flat, terms):
+        values = []
         for source in sources:
             pts = [(r["iter"], r[term]) for r in train if r.get("source", "all") == source and term in r]
             if not pts:
                 continue
             it, val = map(np.asarray, zip(*pts))
+            values.append(val)
             line, = ax.plot(it, val, alpha=0.3, lw=0.8)
             ax.plot(it, _smooth(val, max(len(val) // 20, 1)), color=line.get_color(), lw=1.8, label=source)
+        flat = np.concatenate(values) if values else np.ones(1)
+        if flat.min() > 0 and flat.max() / flat.min() > 50:  # early losses of a fresh detector dwarf the rest
+            ax.set_yscale("log")
         ax.set_title(term)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -15,7 +15,11 @@ Outputs under ``out_dir``::
     train.json, val.json                LVIS v1 format annotations (exhaustive: every absent class is a
                                         verified negative of the image)
     train/, val/                        JPEG images (file_name in the JSON)
-    cls/cls-000000.tar ...              WebDataset shards: ``<key>.jpg`` + ``<key>.cls`` (the wnid)
+    cls/cls-000000.tar ...              WebDataset shards: ``<key>.jpg``, ``<key>.cls`` (index into
+                                        ``classes.txt``, ImageNet-21k style) and ``<key>.json`` ({"wnid"})
+    classes.txt                         the class list of the ``.cls`` indices: one wnid per line
+    synset_wnid.tsv                     synset -> wnid of every class (the taxonomy mapping that turns a
+                                        sample's wnid into a class of the vocabulary)
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ class SyntheticDataset:
     val_images: Path
     cls_shards: str  # brace pattern, e.g. ".../cls/cls-{000000..000003}.tar"
     cls_shard_paths: list[Path]
+    class_list: Path  # wnid per line: the ``.cls`` index space
+    synset_wnids: Path  # synset <TAB> wnid
 
 
 def class_table(num_classes: int) -> list[dict[str, Any]]:
@@ -293,6 +299,8 @@ def make_synthetic_dataset(out_dir: str | Path, cfg: SyntheticConfig | None = No
                            "seed": cfg.seed}
         (out / f"{split}.json").write_text(json.dumps(payload))
     (out / "categories.json").write_text(json.dumps(categories, indent=1))
+    (out / "classes.txt").write_text("".join(c["wnid"] + "\n" for c in classes))
+    (out / "synset_wnid.tsv").write_text("".join(f"{c['synset']}\t{c['wnid']}\n" for c in classes))
 
     shard_paths = _write_classification_shards(out / "cls", classes, backgrounds, cfg, rng)
     last = len(shard_paths) - 1
@@ -301,6 +309,7 @@ def make_synthetic_dataset(out_dir: str | Path, cfg: SyntheticConfig | None = No
         train_annotations=out / "train.json", train_images=out / "train",
         val_annotations=out / "val.json", val_images=out / "val",
         cls_shards=str(out / "cls" / f"cls-{{000000..{last:06d}}}.tar"), cls_shard_paths=shard_paths,
+        class_list=out / "classes.txt", synset_wnids=out / "synset_wnid.tsv",
     )
 
 
@@ -319,7 +328,9 @@ def _write_classification_shards(out_dir: Path, classes: list[dict[str, Any]], b
                 label = int(labels[s * cfg.cls_images_per_shard + j])
                 img, _ = _render_scene(classes, [label], backgrounds, size, cfg.cls_object_scale, rng)
                 key = f"{classes[label]['wnid']}_{s:06d}_{j:05d}"
-                for ext, payload in (("jpg", _jpeg(img, cfg.jpeg_quality)), ("cls", classes[label]["wnid"].encode())):
+                members = (("jpg", _jpeg(img, cfg.jpeg_quality)), ("cls", str(label).encode()),
+                           ("json", json.dumps({"wnid": classes[label]["wnid"]}).encode()))
+                for ext, payload in members:
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tar.addfile(info, io.BytesIO(payload))

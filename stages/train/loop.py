@@ -1,0 +1,410 @@
+"""Stage 2 driver: the training loop (``lt-distill train``).
+
+One iteration = one optimizer step on one batch; batches alternate detection / classification
+(1:1, ``pipeline.data.AlternatingLoader``). Per step: forward under autocast (bf16/fp16 on GPU, off
+on CPU), the criterion in fp32, the weighted total, backward (scaled for fp16), gradient-norm
+clipping, AdamW step, scheduler step.
+
+Resuming (``resume=True``) loads ``<output_dir>/checkpoints/last`` and continues exactly: model,
+optimizer, scheduler, grad scaler and every rank's RNG state are restored, and the data loaders
+are replayed to the checkpoint's position (each DataLoader's worker seeds come from its own
+generator, so the replayed stream is the one the interrupted run saw). A CPU run with a fixed seed
+therefore produces the same losses after a kill and ``--resume`` as without the interruption.
+
+The label store is checked against the run before any step: the vocabulary (the detection
+categories in id order), the grid, and whichever of top-k / residual / teacher the config names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
+
+from ...errors import LtDistillError
+from ...pipeline.data import transforms as T
+from ...pipeline.data.classification import ClassificationDataset
+from ...pipeline.data.config import DataConfig
+from ...pipeline.data.detection import DetectionDataset, load_detection_annotations
+from ...pipeline.data.labels import ObjectSoftLabels, check_label_store
+from ...pipeline.data.loader import (
+    AlternatingLoader,
+    build_classification_dataset,
+    build_classification_loader,
+    build_detection_loader,
+    move_batch,
+)
+from ...pipeline.evaluate import evaluate_model
+from ...pipeline.model import build_model, load_checkpoint
+from ...store import LabelReader
+from .checkpoint import (
+    last_checkpoint,
+    load_finetune_weights,
+    load_training_checkpoint,
+    rng_state,
+    save_final_model,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig
+from .monitor import TrainMonitor
+from .optim import build_optimizer, build_scheduler
+from .runtime import DistInfo, cleanup, gather_objects, init_distributed, reduce_mean, resolve_amp
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    iterations: int  # optimizer steps done in total (including before a resume)
+    final_model: Path | None
+    checkpoint: Path | None
+    images_per_s: float  # mean training throughput of this process group (all ranks), this session
+    losses: dict[str, float]  # last logged loss terms
+    eval_metrics: dict[str, float] | None
+    skipped: dict[str, int]  # data samples skipped by reason (this rank)
+    finetune_report: dict[str, list[str]] | None = None
+    model: torch.nn.Module | None = None  # the trained detector (unwrapped), this rank
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What the loop needs from the data: the loader, the class order and the store."""
+
+    loader: AlternatingLoader
+    categories: list[dict[str, Any]]
+    class_image_counts: torch.Tensor
+    reader: LabelReader
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_store_checked(data_cfg: DataConfig, names: list[str], cfg: TrainConfig) -> LabelReader:
+    """The label store, refused (``StoreMismatchError`` naming each field) unless it matches the run."""
+    if data_cfg.soft_labels != "cached":
+        raise LtDistillError("lt-distill train reads soft labels from a label store: set data.soft_labels = "
+                             "'cached' (online teacher scoring is not part of the training loop)")
+    if not data_cfg.label_store:
+        raise LtDistillError("no label store: set data.label_store (made by lt-distill precompute)")
+    if not Path(data_cfg.label_store).exists():
+        raise LtDistillError(f"label store not found: {data_cfg.label_store}")
+    reader = LabelReader(data_cfg.label_store)
+    sc = cfg.store_check
+    check_label_store(reader, vocabulary=names, grid=data_cfg.grid, topk=sc.topk or None,
+                      residual=sc.residual or None, teacher_model=sc.teacher_model or None)
+    return reader
+
+
+def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> TrainData:
+    """Detection annotations -> store check -> datasets -> 1:1 alternating loader (this rank's share)."""
+    if not data_cfg.det_annotations or not data_cfg.det_images:
+        raise LtDistillError("training needs data.det_annotations and data.det_images")
+    records, categories, skipped = load_detection_annotations(data_cfg.det_annotations)
+    reader = open_store_checked(data_cfg, [c["name"] for c in categories], cfg)
+    det = DetectionDataset(records, data_cfg.det_images, categories,
+                           transforms=T.make_detection_transforms(data_cfg.det_aug),
+                           objects=ObjectSoftLabels(reader), pixel_mean=data_cfg.pixel_mean,
+                           pixel_std=data_cfg.pixel_std, skipped=skipped)
+    det_loader = build_detection_loader(data_cfg, det, info.world_size, info.rank)
+    cls_loader = None
+    if data_cfg.cls_shards:
+        cls: ClassificationDataset = build_classification_dataset(
+            data_cfg, reader, num_replicas=info.world_size, rank=info.rank)
+        cls_loader = build_classification_loader(data_cfg, cls)
+    # Worker seeds come from each loader's own generator, not from the global RNG that the model
+    # also draws from: a replayed loader then reproduces the interrupted run's augmentations.
+    for i, dl in enumerate((det_loader, cls_loader)):
+        if dl is not None:
+            dl.generator = torch.Generator().manual_seed(data_cfg.seed * 1000 + info.rank * 10 + i)
+    counts = torch.zeros(len(categories))
+    for cats in det.image_categories():
+        counts[torch.as_tensor(cats, dtype=torch.long)] += 1
+    return TrainData(AlternatingLoader(det_loader, cls_loader), categories, counts, reader)
+
+
+def batches(loader: AlternatingLoader, start: int = 0, on_caught_up: Callable[[], None] | None = None) -> Any:
+    """Endless (iteration, batch) stream over epochs, from iteration ``start``: the first ``start``
+    batches are drawn and dropped (an exact replay of the stream an interrupted run consumed), then
+    ``on_caught_up()`` is called before batch ``start`` is drawn (the place to restore RNG states)."""
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise LtDistillError("the detection dataset gives no full batch on this rank (fewer images than "
+                             "batch_size x processes?)")
+    if start == 0 and on_caught_up is not None:
+        on_caught_up()
+    iteration, epoch = 0, 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if iteration >= start:
+                yield iteration, batch
+            iteration += 1
+            if iteration == start and on_caught_up is not None:
+                on_caught_up()
+        epoch += 1
+
+
+def _float_outputs(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _float_outputs(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_float_outputs(v) for v in x]
+    return x
+
+
+def _compare_resolved(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    diffs = []
+    for section in sections:
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    return diffs
+
+
+class _Window:
+    """Per-source means of the logged scalars since the last log."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.counts: Counter = Counter()
+        self.data_time = 0.0
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, source: str, values: dict[str, float], data_time: float) -> None:
+        for k, v in values.items():
+            self.sums[source][k] += v
+        self.counts[source] += 1
+        self.data_time += data_time
+        self.steps += 1
+
+    def means(self, source: str) -> dict[str, float]:
+        return {k: v / self.counts[source] for k, v in self.sums[source].items()}
+
+
+def train(cfg: TrainConfig, resume: bool = False, console: Console | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run (or, with ``resume``, continue) the training described by ``cfg``; see the module docstring.
+
+    ``on_step(iteration, losses)`` is called after every optimizer step (on every rank) with the
+    rank's own loss values; raising from it stops the run (checkpoints stay as they are)."""
+    info = init_distributed(cfg.device, cfg.ddp_backend)
+    try:
+        return _train(cfg, resume, info, console or Console(stderr=True), on_step)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
+           on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+    out = Path(cfg.output_dir)
+    resolved = cfg.resolved()
+    ckpt = None
+    if resume:
+        path = last_checkpoint(out)
+        if path is None:
+            raise LtDistillError(f"--resume: {out} has no checkpoint to resume from")
+        ckpt = load_training_checkpoint(path)
+        diffs = _compare_resolved(ckpt["config"], resolved, ("model", "data"))
+        if diffs:
+            raise LtDistillError(f"--resume: the config differs from the checkpoint's ({'; '.join(diffs[:5])}); "
+                                 "start a new run (optionally --finetune-from the checkpoint)")
+    elif last_checkpoint(out) is not None:
+        raise LtDistillError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                             "or choose another output_dir")
+
+    seed_everything(cfg.seed + info.rank)
+    data_cfg, model_cfg = cfg.data_config(), cfg.model_config()
+    data = build_train_data(data_cfg, cfg, info)  # the store check happens here, before any step
+    text = data.reader.text_embeddings()
+    if text is None:
+        raise LtDistillError(f"label store {data_cfg.label_store} has no class text embeddings "
+                             "(precompute writes them); the language classifier needs them")
+    model, criterion, postprocess = build_model(model_cfg, torch.as_tensor(np.asarray(text)).float(),
+                                                data.class_image_counts)
+    finetune_report = None
+    if cfg.finetune_from and ckpt is None:
+        finetune_report = load_finetune_weights(model, load_checkpoint(cfg.finetune_from)["model"])
+        if info.is_main:
+            _print_finetune_report(console, cfg.finetune_from, finetune_report)
+    model.to(info.device)
+    criterion.to(info.device)
+    amp_dtype = resolve_amp(cfg.amp, info.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["iteration"])
+    ddp_model = DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        find_unused_parameters=cfg.find_unused_parameters) if info.distributed else model
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(resolved, indent=2))
+        (out / "categories.json").write_text(json.dumps(
+            [{"id": c["id"], "name": c["name"], "frequency": c.get("frequency")} for c in data.categories]))
+    restore = None
+    if ckpt is not None:
+        world_states = ckpt.get("rng") or []
+        if len(world_states) != info.world_size:
+            raise LtDistillError(f"--resume: the checkpoint was written by {len(world_states)} processes, "
+                                 f"this run has {info.world_size}; exact resume needs the same number")
+
+        def restore() -> None:  # after the replay, which drew from the global RNG
+            set_rng_state(world_states[info.rank])
+    stream = batches(data.loader, start, restore)
+
+    categories = [{"id": c["id"], "name": c["name"]} for c in data.categories]
+    monitor = TrainMonitor(out, cfg.max_iters, start, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           progress=cfg.progress, console=console)
+    window = _Window()
+    skipped: Counter = Counter()
+    last_logged: dict[str, float] = {}
+    eval_metrics = None
+    checkpoint_path = None
+    batch_images = data_cfg.batch_size * info.world_size
+    session_start, session_images = time.perf_counter(), 0
+    model.train()
+    criterion.train()
+    try:
+        iteration = start
+        t_wait = time.perf_counter()
+        while iteration < cfg.max_iters:
+            iteration, batch = next(stream)
+            data_time = time.perf_counter() - t_wait
+            skipped.update(batch.get("skipped", {}))
+            batch = move_batch(batch, info.device)
+            with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = ddp_model(batch["images"], batch["pixel_mask"], batch["targets"])
+            with torch.autocast(info.device.type, enabled=False):
+                losses = criterion(_float_outputs(outputs), batch["targets"])
+                loss = criterion.weighted_total(losses)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(loss.detach())
+            if not math.isfinite(values["loss"]):
+                raise LtDistillError(f"loss is {values['loss']} at iteration {iteration + 1} "
+                                     f"({batch['source']} batch): {values}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.clip_max_norm > 0:
+                scaler.unscale_(optimizer)
+                values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                           cfg.optim.clip_max_norm))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+            session_images += batch_images
+            if on_step is not None:
+                on_step(iteration, values)
+            window.add(batch["source"], values, data_time)
+
+            if iteration % cfg.log_every == 0 or iteration == cfg.max_iters:
+                last_logged = _log_window(window, iteration, optimizer, batch_images, monitor, info)
+            if info.is_main:
+                monitor.advance(iteration, f"loss {values['loss']:.3f}")
+            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.max_iters:
+                checkpoint_path = _checkpoint(out, cfg, model, optimizer, scheduler, scaler, resolved, categories,
+                                              data.loader, iteration, info)
+            if cfg.eval.every and (iteration % cfg.eval.every == 0 or iteration == cfg.max_iters):
+                eval_metrics = _evaluate(model, postprocess, cfg, data_cfg, categories, out, iteration, amp_dtype,
+                                         info, monitor)
+            t_wait = time.perf_counter()
+    finally:
+        monitor.close()
+    elapsed = time.perf_counter() - session_start
+    final = save_final_model(out, model, resolved, categories, cfg.max_iters) if info.is_main else None
+    return TrainResult(
+        output_dir=out, iterations=cfg.max_iters, final_model=final, checkpoint=checkpoint_path,
+        images_per_s=session_images / elapsed if elapsed > 0 else 0.0, losses=last_logged,
+        eval_metrics=eval_metrics, skipped=dict(skipped), finetune_report=finetune_report, model=model,
+    )
+
+
+def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimizer, batch_images: int,
+                monitor: TrainMonitor, info: DistInfo) -> dict[str, float]:
+    elapsed = time.perf_counter() - window.start
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    common = {"lr": lrs.get("default", next(iter(lrs.values()))),
+              **{f"lr_{k}": v for k, v in lrs.items() if k != "default"},
+              "images_per_s": window.steps * batch_images / max(elapsed, 1e-9),
+              "data_time": window.data_time / max(window.steps, 1),
+              "iter_time": elapsed / max(window.steps, 1)}
+    logged: dict[str, float] = {}
+    # Every rank alternates sources in lockstep, so each sees the same sources in a window.
+    for source in sorted(window.counts):
+        means = reduce_mean(window.means(source), info)
+        monitor.log(iteration, {"source": source, **means, **common})
+        logged = means
+    window.reset()
+    return logged
+
+
+def _checkpoint(out: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler, resolved, categories,
+                loader: AlternatingLoader, iteration: int, info: DistInfo) -> Path | None:
+    rng = gather_objects(rng_state(), info)  # every rank's RNG, in rank order (small)
+    if not info.is_main:
+        return None
+    state = {"model": model.state_dict(), "config": resolved, "categories": categories, "iteration": iteration,
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng,
+             "data": {"epoch_length": len(loader), "world_size": info.world_size},
+             "lt_distill_version": _version()}
+    return save_training_checkpoint(out, state, keep=cfg.keep_checkpoints)
+
+
+def _evaluate(model, postprocess, cfg: TrainConfig, data_cfg: DataConfig, categories, out: Path, iteration: int,
+              amp_dtype, info: DistInfo, monitor: TrainMonitor) -> dict[str, float] | None:
+    metrics, dets = evaluate_model(
+        model, postprocess, cfg.eval.annotations, cfg.eval.images, [c["id"] for c in categories],
+        out_dir=out / "eval", device=info.device, image_size=max(data_cfg.det_aug.scales),
+        max_size=data_cfg.det_aug.max_size, batch_size=cfg.eval.batch_size, max_images=cfg.eval.max_images,
+        amp_dtype=amp_dtype, pixel_mean=data_cfg.pixel_mean, pixel_std=data_cfg.pixel_std)
+    if metrics is not None:
+        monitor.log(iteration, metrics, kind="eval")
+        (out / "eval.json").write_text(json.dumps({"iter": iteration, "metrics": metrics,
+                                                   "detections": str(dets)}, indent=2))
+    return metrics
+
+
+def _print_finetune_report(console: Console, source: str, report: dict[str, list[str]]) -> None:
+    console.print(f"fine-tuning from {source}: loaded {len(report['loaded'])} tensors")
+    for kind in ("mismatched", "missing", "unexpected"):
+        if report[kind]:
+            console.print(f"  skipped ({kind}, {len(report[kind])}): " + ", ".join(report[kind][:8])
+                          + (" ..." if len(report[kind]) > 8 else ""))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lt-distill")
+    except PackageNotFoundError:
+        return "unknown"
