@@ -24,3 +24,4 @@ from . import store_cmds  # noqa: F401,E402
 from . import train_cmds  # noqa: F401,E402
 from . import ops_cmds  # noqa: F401,E402
 from . import precompute_cmds  # noqa: F401,E402
+from . import data_cmds  # noqa: F401,E402

@@ -8,7 +8,7 @@ Main entry points::
     for epoch in ...: loader.set_epoch(epoch); for batch in loader: ...
 """
 
-from .classification import ClassificationDataset, StoreRows, assign_shards, expand_shards, iter_tar_samples
+from .classification import ClassificationDataset, StoreRows, assign_shards
 from .collate import Collate, pad_images
 from .config import ClassificationAugConfig, DataConfig, DetectionAugConfig, data_config
 from .detection import DetectionDataset, ImageRecord, load_detection_annotations
@@ -31,6 +31,6 @@ __all__ = [
     "DataConfig", "DetectionAugConfig", "DetectionDataset", "ImageRecord", "ObjectSoftLabels", "RandomMosaic",
     "RepeatFactorSampler", "StoreRows", "assign_shards", "build_classification_dataset",
     "build_classification_loader", "build_detection_dataset", "build_detection_loader", "build_train_loader",
-    "category_repeat_factors", "check_label_store", "data_config", "expand_shards", "iter_tar_samples",
+    "category_repeat_factors", "check_label_store", "data_config",
     "load_detection_annotations", "move_batch", "mosaic_tiles", "open_label_store", "pad_images", "repeat_factors",
 ]

@@ -6,8 +6,9 @@ flip) -> 4-image mosaic -> soft labels matched to each tile's visible region -> 
 
 Addressing the label store: row (s, r) of the store holds sample r (0-based order inside the tar)
 of source shard s (index of the shard in the expanded pattern, the order ``precompute`` used). Every
-process therefore reads whole shards in their global numbering, counting samples as they come out
-of the tar; the shard index never depends on how the shards were split. The counted position is
+process therefore reads shards in their global numbering with the same tolerant reader precompute
+uses (:func:`..shards.iter_tar_samples`), counting samples (damaged ones too) as they come out of the
+tar; the shard index and position never depend on how the shards were split. The counted position is
 checked against the store's ``__key__`` for that row; on a mismatch (e.g. a tar member that could
 not be read shifted the count) the key is looked up in that shard's rows instead, and a sample the
 store does not hold gets no soft loss and hard label -1 (counted as ``not_in_store``).
@@ -20,35 +21,26 @@ sharing that shard). Either way units see disjoint samples, and every sample is 
 from __future__ import annotations
 
 import collections
-import io
 import os
 import random
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ...errors import LtDistillError
 from ...store import LabelReader
+from ..shards import IMAGE_EXTS, iter_tar_samples
+from ..teacher.preprocess import ImageDecodeError, as_chw_uint8, decode_image
 from . import transforms as T
 from .labels import CropSoftLabels
 from .mosaic import RandomMosaic
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace pattern (``train-{000000..000099}.tar``, comma-separated lists allowed) -> shard URLs."""
-    urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part) if u]
-    if not urls:
-        raise LtDistillError(f"shard pattern {pattern!r} names no shards")
-    return urls
+# A sample's source label -> (class index or -1, failure reason code or 0): pipeline.vocab.HardLabeler.
+HardLabelFn = Callable[[dict[str, bytes]], tuple[int, int]]
 
 
 def reading_unit(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -74,50 +66,15 @@ def assign_shards(num_shards: int, unit: int, num_units: int) -> list[tuple[int,
     return [(shard, len(sharing), sharing.index(unit))]
 
 
-def iter_tar_samples(url: str) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(position, sample, error) for each sample of a tar shard, in order. A sample groups the
-    members sharing a key (``dir/name.ext`` -> key ``dir/name``); position counts every key, readable
-    or not. A tar that breaks off ends the shard with one ``truncated`` entry."""
-    position = 0
-    current: dict[str, Any] | None = None
+def decode_sample_image(fields: dict[str, bytes]) -> torch.Tensor | None:
+    """uint8 (3, H, W) RGB of the sample's first image member, or None when absent or undecodable."""
+    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    if ext is None:
+        return None
     try:
-        with tarfile.open(url, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                if "." not in base or base.startswith("__"):
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(member.name), stem)
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield position, current, ""
-                    position += 1
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise LtDistillError(f"shard not found: {url}") from exc
-        yield position, None, "truncated"
-        return
-    if current is not None:
-        yield position, current, ""
-
-
-def decode_sample_image(sample: dict[str, Any]) -> torch.Tensor | None:
-    """uint8 (3, H, W) RGB of the first image member, or None when absent or undecodable."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            try:
-                with Image.open(io.BytesIO(sample[ext])) as img:
-                    array = np.asarray(img.convert("RGB"))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                return None
-            return torch.from_numpy(array.copy()).permute(2, 0, 1)
-    return None
+        return as_chw_uint8(decode_image(fields[ext]))
+    except ImageDecodeError:
+        return None
 
 
 class StoreRows:
@@ -140,6 +97,10 @@ class StoreRows:
 
 
 def _shuffle(stream: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Shuffle within a buffer of ``size`` items (webdataset's ``shuffle`` stage); size <= 1 keeps order."""
+    if size <= 1:
+        yield from stream
+        return
     buffer: list = []
     for item in stream:
         if len(buffer) < size:
@@ -161,14 +122,14 @@ class ClassificationDataset(IterableDataset):
     (2,) int64, ``image_id`` int (negative: classification) and ``skipped`` (reason -> count).
 
     ``labels``: cached soft labels (None: soft labels left empty, e.g. for the online teacher).
-    ``rows``: store rows for hard labels and addressing; ``hard_label_fn(sample)`` gives hard labels
-    when there is no store. ``repeat``: loop over the shards forever (a new order each pass).
+    ``rows``: store rows for hard labels and addressing; without a store, ``hard_labeler(fields)`` (a
+    :class:`..vocab.HardLabeler`) maps the sample's source label. ``repeat``: loop over the shards forever (a new order each pass).
     ``rank``/``world_size``: this process's place (default: torch.distributed, else torchrun's env)."""
 
     def __init__(self, urls: Sequence[str], *, num_classes: int, tile_transforms: Callable,
                  mosaic: RandomMosaic | None, mosaic_prob: float = 1.0, single_transforms: Callable | None = None,
                  labels: CropSoftLabels | None = None, rows: StoreRows | None = None,
-                 hard_label_fn: Callable[[dict[str, Any]], int] | None = None,
+                 hard_labeler: HardLabelFn | None = None,
                  pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225),
                  shuffle_buffer: int = 1000, seed: int = 0, repeat: bool = True,
                  rank: int | None = None, world_size: int | None = None) -> None:
@@ -181,7 +142,7 @@ class ClassificationDataset(IterableDataset):
         self.single_transforms = single_transforms
         self.labels = labels
         self.rows = rows
-        self.hard_label_fn = hard_label_fn
+        self.hard_labeler = hard_labeler
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -197,22 +158,22 @@ class ClassificationDataset(IterableDataset):
         random.Random(self.seed + epoch).shuffle(order)  # same permutation in every process
         for slot, stride, offset in assign_shards(len(order), unit, num_units):
             shard = order[slot]
-            for position, sample, error in iter_tar_samples(self.urls[shard]):
+            for position, raw in enumerate(iter_tar_samples(self.urls[shard])):
                 if position % stride != offset:
                     continue
-                if sample is None:
-                    yield {"skipped": error}
+                if raw.error is not None:
+                    yield {"skipped": raw.error}
                     continue
-                image = decode_sample_image(sample)
+                image = decode_sample_image(raw.fields)
                 if image is None:
                     yield {"skipped": "undecodable"}
                     continue
-                key = sample["__key__"]
+                key = raw.key
                 row = self.rows.locate(shard, position, key) if self.rows is not None else position
                 if self.rows is not None:
                     label = self.rows.reader.hard_label(shard, row) if row is not None else -1
                 else:
-                    label = self.hard_label_fn(sample) if self.hard_label_fn is not None else -1
+                    label = self.hard_labeler(raw.fields)[0] if self.hard_labeler is not None else -1
                 yield {"image": image, "key": key, "shard": shard, "position": -1 if row is None else row,
                        "label": int(label), "not_in_store": row is None}
 

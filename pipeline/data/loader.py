@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,8 @@ from ...errors import LtDistillError
 from ...store import LabelReader
 from ..grid import GridSpec
 from . import transforms as T
-from .classification import ClassificationDataset, StoreRows, expand_shards
+from ..shards import expand_shards
+from .classification import ClassificationDataset, HardLabelFn, StoreRows
 from .collate import Collate
 from .config import DataConfig
 from .detection import DetectionDataset, load_detection_annotations
@@ -49,12 +50,13 @@ def build_detection_dataset(cfg: DataConfig, reader: LabelReader | None = None,
 
 def build_classification_dataset(cfg: DataConfig, reader: LabelReader | None = None, *,
                                  num_classes: int | None = None,
-                                 hard_label_fn: Callable[[dict[str, Any]], int] | None = None,
+                                 hard_labeler: HardLabelFn | None = None,
                                  repeat: bool = True, num_replicas: int | None = None,
                                  rank: int | None = None) -> ClassificationDataset:
     """Mosaics of WebDataset classification images. With ``reader`` the store gives hard labels and,
     in cached mode, soft labels matched to each tile (``cfg.cls_aug.crop_match``); without it (online
-    mode) ``hard_label_fn(sample)`` gives hard labels and ``num_classes`` the label width."""
+    mode) ``hard_labeler(fields)`` (:class:`..vocab.HardLabeler`) gives hard labels and ``num_classes``
+    the label width."""
     if not cfg.cls_shards:
         raise LtDistillError("the classification dataset needs data.cls_shards")
     aug = cfg.cls_aug
@@ -76,7 +78,7 @@ def build_classification_dataset(cfg: DataConfig, reader: LabelReader | None = N
         expand_shards(cfg.cls_shards), num_classes=num_classes,
         tile_transforms=T.make_tile_transforms(aug, grid_boxes), mosaic=mosaic, mosaic_prob=aug.mosaic_prob,
         single_transforms=T.RandomResize(aug.scales, max_size=aug.max_size), labels=labels,
-        rows=StoreRows(reader) if reader is not None else None, hard_label_fn=hard_label_fn,
+        rows=StoreRows(reader) if reader is not None else None, hard_labeler=hard_labeler,
         pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed, repeat=repeat, rank=rank, world_size=num_replicas)
 
@@ -132,7 +134,7 @@ class AlternatingLoader:
 
 
 def build_train_loader(cfg: DataConfig, reader: LabelReader | None = None, *,
-                       hard_label_fn: Callable[[dict[str, Any]], int] | None = None,
+                       hard_labeler: HardLabelFn | None = None,
                        num_replicas: int | None = None, rank: int | None = None) -> AlternatingLoader:
     """Detection and (when ``cfg.cls_shards`` is set) classification batches, alternating 1:1.
     ``reader`` comes from :func:`open_label_store` (None in online mode without a store)."""
@@ -141,7 +143,7 @@ def build_train_loader(cfg: DataConfig, reader: LabelReader | None = None, *,
     det_loader = build_detection_loader(cfg, det, num_replicas, rank)
     cls_loader = None
     if cfg.cls_shards:
-        cls = build_classification_dataset(cfg, reader, num_classes=det.num_classes, hard_label_fn=hard_label_fn,
+        cls = build_classification_dataset(cfg, reader, num_classes=det.num_classes, hard_labeler=hard_labeler,
                                            num_replicas=num_replicas, rank=rank)
         if cls.num_classes != det.num_classes:
             raise LtDistillError(f"classification labels have {cls.num_classes} classes, detection {det.num_classes}")

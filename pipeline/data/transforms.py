@@ -21,8 +21,11 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+
+from ..teacher.preprocess import pixel_boxes
 
 Target = dict[str, Any]
 # Fields indexed by box: a crop that drops a box drops its entry in each of them.
@@ -74,12 +77,10 @@ def crop(image: torch.Tensor, target: Target, region: Sequence[int]) -> tuple[to
 
 
 def box_to_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
-    """Normalised xyxy box -> (top, left, height, width) whole pixels of a ``width`` x ``height`` image:
-    edges rounded to the nearest pixel boundary, at least one pixel."""
-    x0 = min(max(int(round(box[0] * width)), 0), width - 1)
-    y0 = min(max(int(round(box[1] * height)), 0), height - 1)
-    x1 = min(max(int(round(box[2] * width)), x0 + 1), width)
-    y1 = min(max(int(round(box[3] * height)), y0 + 1), height)
+    """Normalised xyxy box -> (top, left, height, width) whole pixels of a ``width`` x ``height`` image,
+    cut exactly as the teacher cuts crops (:func:`..teacher.preprocess.pixel_boxes`: edges rounded to the
+    nearest pixel boundary, at least one pixel)."""
+    x0, y0, x1, y1 = (int(v) for v in pixel_boxes(np.asarray([box], dtype=np.float64), width, height)[0])
     return y0, x0, y1 - y0, x1 - x0
 
 

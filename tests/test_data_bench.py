@@ -1,0 +1,150 @@
+"""Online soft labels and the two data benchmarks (fidelity, labels) on tiny inputs."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lt_distill.bench.fidelity import check_same_teacher, measure_fidelity, teacher_config_for_store
+from lt_distill.bench.labels import run_labels_bench
+from lt_distill.pipeline.data import (
+    build_classification_dataset,
+    build_classification_loader,
+    build_detection_dataset,
+    build_detection_loader,
+    data_config,
+)
+from lt_distill.pipeline.data import synthetic as S
+from lt_distill.pipeline.data.online import OnlineSoftLabeler
+from lt_distill.pipeline.data.transforms import normalize
+from lt_distill.pipeline.grid import GridSpec
+from lt_distill.pipeline.shards import iter_tar_samples
+from lt_distill.pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize, decode_image
+from lt_distill.store import LabelReader, LabelStore, ShardResult, StoreError, StoreLayout, StoreMismatchError, encode_topk
+
+
+class ColourLayoutScorer:
+    """A content-sensitive stand-in for CLIP (no weights offline): softmax of a fixed random projection
+    of the crop's 4 x 4 mean-colour layout. Not mirror invariant, unlike a real teacher roughly is."""
+
+    def __init__(self, num_classes=20, input_size=32, seed=0):
+        self.proj = torch.randn(48, num_classes, generator=torch.Generator().manual_seed(seed))
+        self.input_size = input_size
+
+    def score_crop_batch(self, crops):
+        x = torch.nn.functional.adaptive_avg_pool2d(crops.float() / 255, 4).flatten(1)
+        x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+        return torch.softmax(8.0 * x @ self.proj / 48 ** 0.5, -1)
+
+
+def fill_store(path, urls, scorer, grid="default", topk=8):
+    """What precompute's crops mode does, with the scorer as the teacher."""
+    spec = GridSpec.parse(grid)
+    shards = []
+    for url in urls:
+        keys, probs = [], []
+        for raw in iter_tar_samples(url):
+            keys.append(raw.key)
+            image = decode_image(raw.fields["jpg"])
+            probs.append(scorer.score_crop_batch(crop_and_resize(image, spec.boxes(), scorer.input_size)).numpy())
+        shards.append((keys, np.stack(probs)))
+    num_classes = shards[0][1].shape[-1]
+    layout = StoreLayout(num_shards=len(urls), shard_capacity=max(len(k) for k, _ in shards), num_crops=spec.num_boxes,
+                         topk=topk, num_classes=num_classes)
+    store = LabelStore.create(path, layout, teacher={"model": "colour-layout"}, vocabulary=S.class_names(num_classes),
+                              grid_spec=spec.spec, grid_boxes=spec.boxes())
+    for s, (keys, probs) in enumerate(shards):
+        n = len(keys)
+        index, prob = encode_topk(probs, topk)
+        store.write_shard(s, ShardResult(keys, np.full((n, 2), 64), np.full(n, -1), np.ones(n, np.uint8),
+                                         np.zeros(n, np.uint8), index, prob))
+    return LabelReader(path)
+
+
+def test_fidelity_exact_mode_reproduces_the_grid_labels(tmp_path):
+    pattern, _, _ = S.write_shards(tmp_path / "shards", 2, 6, seed=4, size_range=(60, 120))
+    urls = [str(tmp_path / "shards" / f"shard-{s:04d}.tar") for s in range(2)]
+    scorer = ColourLayoutScorer()
+    reader = fill_store(tmp_path / "store", urls, scorer)
+    random.seed(0)
+    result = measure_fidelity(reader, pattern, scorer, num_tiles=48, modes=("exact", "nearest"), preset="tiny")
+    exact, nearest = result["exact"], result["nearest"]
+    assert exact["masked_fraction"] == 0.0 and exact["tiles_seen"] >= 48
+    # Unflipped exact tiles are the very grid crops (cut at the same pixels, resized twice): the scorer
+    # agrees with the stored label; KL is the top-8 truncation plus resampling.
+    assert exact["unflipped"]["tiles"] > 10 and exact["unflipped"]["top1_agreement"] >= 0.95
+    assert exact["unflipped"]["mean_kl"] < 0.05
+    # A scorer that is not mirror invariant disagrees on flipped tiles; nearest crops are not grid crops.
+    assert exact["flipped"]["mean_kl"] > 5 * exact["unflipped"]["mean_kl"]
+    assert nearest["unflipped"]["mean_kl"] > exact["unflipped"]["mean_kl"]
+    assert exact["whole-image label"]["top1_agreement"] < exact["unflipped"]["top1_agreement"]
+
+
+def test_teacher_is_rebuilt_from_the_store_provenance(tmp_path):
+    attrs = {"teacher": {"model": "lt-tiny-rn", "weights_sha256": "random-init:seed=7", "temperature": 2.0,
+                         "prompt_templates": ["a photo of a {}."], "synonyms": False}}
+    cfg = teacher_config_for_store(attrs, TeacherConfig(device="cpu"))
+    assert (cfg.model, cfg.random_init, cfg.seed, cfg.temperature, cfg.templates) == \
+        ("lt-tiny-rn", True, 7, 2.0, "single")
+    attrs["teacher"]["weights_sha256"] = "ab" * 32
+    with pytest.raises(StoreError, match="--weights"):
+        teacher_config_for_store(attrs, TeacherConfig(device="cpu"))
+    assert teacher_config_for_store(attrs, TeacherConfig(), weights="w.pt").weights == "w.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online")
+    pattern, keys, _ = S.write_shards(root / "shards", 2, 4, seed=8)
+    jpath, images = S.write_detection_set(root / "det", 4, seed=9)
+    teacher_cfg = TeacherConfig(model="lt-tiny-rn", random_init=True, vocab=str(jpath), templates="single",
+                                device="cpu", engine="eager")
+    teacher = build_teacher(teacher_cfg)
+    S.write_label_store(root / "store", keys, num_classes=10)
+    cfg = data_config("tiny", {"det_annotations": str(jpath), "det_images": str(images), "cls_shards": pattern,
+                               "label_store": str(root / "store")})
+    return {"teacher": teacher, "teacher_cfg": teacher_cfg, "cfg": cfg, "root": root, "keys": keys}
+
+
+def test_online_labeler_scores_tiles_and_boxes(tiny):
+    teacher, cfg = tiny["teacher"], tiny["cfg"]
+    reader = LabelReader(cfg.label_store)
+    labeler = OnlineSoftLabeler(teacher, cfg.pixel_mean, cfg.pixel_std)
+    pixels = torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8)
+    image, _ = normalize(pixels, {}, cfg.pixel_mean, cfg.pixel_std)
+    assert torch.equal(labeler.image_uint8(torch.nn.functional.pad(image, (0, 5, 0, 3)), torch.tensor([17, 23])),
+                       pixels)  # padding dropped, pixels recovered exactly
+    random.seed(0)
+    cls_batch = next(iter(build_classification_loader(cfg, build_classification_dataset(cfg, reader))))
+    det_batch = next(iter(build_detection_loader(cfg, build_detection_dataset(cfg, reader))))
+    for batch in (cls_batch, det_batch):
+        cached = [t["soft_labels"].clone() for t in batch["targets"]]
+        labeler(batch)
+        for t, c in zip(batch["targets"], cached):
+            n = len(t["labels"])
+            assert t["soft_labels"].shape == (n, 10) and t["soft_mask"].all()
+            assert torch.allclose(t["soft_labels"].sum(-1), torch.ones(n), atol=1e-5)
+            assert not torch.equal(t["soft_labels"], c)
+    # classification tiles: the teacher's crops path on the tile's canvas pixels
+    t0 = cls_batch["targets"][0]
+    canvas = labeler.image_uint8(cls_batch["images"][0], t0["size"])
+    h, w = t0["size"].tolist()
+    cx, cy, bw, bh = t0["boxes"][0].tolist()
+    box = np.array([[cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]])
+    assert torch.allclose(t0["soft_labels"][0], teacher.score_crops(canvas, box)[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_labels_times_both_paths_on_one_batch(tiny):
+    result = run_labels_bench(tiny["teacher_cfg"], preset="tiny", repeats=2, warmup=1)
+    assert result["data"]["tiles"] >= 4 and result["store"]["num_classes"] == 10
+    assert 0 < result["cached_ms_per_step"] < result["online_ms_per_step"]
+    assert result["speedup"] == pytest.approx(result["online_ms_per_step"] / result["cached_ms_per_step"])
+
+
+def test_fidelity_refuses_another_teacher(tiny):
+    attrs = {"teacher": {"model": "RN50", "weights_sha256": "random-init:seed=0", "text_fingerprint": "x",
+                         "temperature": 1.0}, "vocabulary": {"sha256": "y"}}
+    with pytest.raises(StoreMismatchError, match=r"teacher\.model.*teacher\.text_fingerprint.*vocabulary\.sha256"):
+        check_same_teacher(attrs, tiny["teacher"])
