@@ -13,7 +13,9 @@ from lt_distill.pipeline.data import (
     build_classification_loader,
     build_detection_dataset,
     build_detection_loader,
+    build_train_loader,
     data_config,
+    open_label_store,
 )
 from lt_distill.pipeline.data import synthetic as S
 from lt_distill.pipeline.data.online import OnlineSoftLabeler
@@ -148,3 +150,24 @@ def test_fidelity_refuses_another_teacher(tiny):
                          "temperature": 1.0}, "vocabulary": {"sha256": "y"}}
     with pytest.raises(StoreMismatchError, match=r"teacher\.model.*teacher\.text_fingerprint.*vocabulary\.sha256"):
         check_same_teacher(attrs, tiny["teacher"])
+
+
+def test_online_mode_trains_without_a_store(tiny):
+    cfg = data_config("tiny", {"det_annotations": tiny["cfg"].det_annotations, "det_images": tiny["cfg"].det_images,
+                               "cls_shards": tiny["cfg"].cls_shards, "soft_labels": "online", "label_store": ""})
+    assert open_label_store(cfg) is None
+    loader = build_train_loader(cfg, None, hard_labeler=lambda fields: (int(fields["cls"]), 0))
+    labeler = OnlineSoftLabeler(tiny["teacher"], cfg.pixel_mean, cfg.pixel_std)
+    random.seed(1)
+    sources = []
+    for batch in loader:
+        assert not any(t["soft_mask"].any() for t in batch["targets"])  # nothing cached
+        labeler(batch)
+        sources.append(batch["source"])
+        for t in batch["targets"]:
+            assert t["soft_mask"].all() and t["soft_labels"].shape == (len(t["labels"]), 10)
+            if batch["source"] == "classification":
+                assert ((t["labels"] >= 0) & (t["labels"] < 10)).all() and (t["rows"][:, 0] >= 0).all()
+        if len(sources) == 4:
+            break
+    assert sources == ["detection", "classification"] * 2
