@@ -34,10 +34,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from skimage import data as skdata
-from skimage import draw, transform
 
-from ...errors import ConfigError
+from ...errors import ConfigError, LtDistillError
+
+try:  # the sample photos and drawing helpers: the ``demo`` (and ``test``) extra
+    from skimage import data as skdata
+    from skimage import draw, transform
+except ImportError:  # pragma: no cover - depends on the environment
+    skdata = draw = transform = None
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 190, 50), "blue": (40, 70, 230), "yellow": (240, 220, 40),
@@ -267,6 +271,9 @@ def _write_split(out_dir: Path, split: str, layout: list[list[int]], classes: li
 def make_synthetic_dataset(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> SyntheticDataset:
     """Write the dataset described in the module docstring under ``out_dir`` (deterministic in ``cfg``)."""
     cfg = cfg or SyntheticConfig()
+    if skdata is None:
+        raise LtDistillError("the synthetic dataset draws on scikit-image's sample photos: "
+                             "pip install 'lt-distill[demo]' (or scikit-image)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"synthetic dataset directory {out} is not empty")
