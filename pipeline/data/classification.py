@@ -1,8 +1,9 @@
 """Classification images (WebDataset shards) as RichSem mosaics with cached soft labels.
 
 Pipeline (webdataset style, one small stage each): shard assignment (node, then worker) -> read
-samples with their (shard index, position) -> decode -> shuffle buffer -> tile augmentation (crop,
-flip) -> 4-image mosaic -> soft labels matched to each tile's visible region -> normalise.
+samples with their (shard index, position) -> shuffle buffer (encoded bytes) -> decode -> tile
+augmentation (crop, flip) -> 4-image mosaic -> soft labels matched to each tile's visible region ->
+normalise.
 
 Addressing the label store: row (s, r) of the store holds sample r (0-based order inside the tar)
 of source shard s (index of the shard in the expanded pattern, the order ``precompute`` used). Every
@@ -123,8 +124,9 @@ class ClassificationDataset(IterableDataset):
 
     ``labels``: cached soft labels (None: soft labels left empty, e.g. for the online teacher).
     ``rows``: store rows for hard labels and addressing; without a store, ``hard_labeler(fields)`` (a
-    :class:`..vocab.HardLabeler`) maps the sample's source label. ``repeat``: loop over the shards forever (a new order each pass).
-    ``rank``/``world_size``: this process's place (default: torch.distributed, else torchrun's env)."""
+    :class:`..vocab.HardLabeler`) maps the sample's source label. ``repeat``: loop over the shards
+    forever (a new shard order each pass). ``rank``/``world_size``: this process's place (default:
+    torch.distributed, else torchrun's environment)."""
 
     def __init__(self, urls: Sequence[str], *, num_classes: int, tile_transforms: Callable,
                  mosaic: RandomMosaic | None, mosaic_prob: float = 1.0, single_transforms: Callable | None = None,
@@ -150,32 +152,31 @@ class ClassificationDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
 
     # ------------------------------------------------------------------ stages
-    def samples(self, unit: int, num_units: int, epoch: int) -> Iterator[dict[str, Any]]:
-        """Decoded samples of this unit's share for one pass: dicts with ``image`` uint8 (3, H, W),
-        ``key``, ``shard``, ``position`` (store row or -1), ``label``; broken ones come out as
-        ``{"skipped": reason}``."""
+    def raw_samples(self, unit: int, num_units: int, epoch: int) -> Iterator[tuple[int, int, Any]]:
+        """(shard, position, RawSample) of this unit's share for one pass, undecoded (cheap to buffer)."""
         order = list(range(len(self.urls)))
         random.Random(self.seed + epoch).shuffle(order)  # same permutation in every process
         for slot, stride, offset in assign_shards(len(order), unit, num_units):
             shard = order[slot]
             for position, raw in enumerate(iter_tar_samples(self.urls[shard])):
-                if position % stride != offset:
-                    continue
-                if raw.error is not None:
-                    yield {"skipped": raw.error}
-                    continue
-                image = decode_sample_image(raw.fields)
-                if image is None:
-                    yield {"skipped": "undecodable"}
-                    continue
-                key = raw.key
-                row = self.rows.locate(shard, position, key) if self.rows is not None else position
-                if self.rows is not None:
-                    label = self.rows.reader.hard_label(shard, row) if row is not None else -1
-                else:
-                    label = self.hard_labeler(raw.fields)[0] if self.hard_labeler is not None else -1
-                yield {"image": image, "key": key, "shard": shard, "position": -1 if row is None else row,
-                       "label": int(label), "not_in_store": row is None}
+                if position % stride == offset:
+                    yield shard, position, raw
+
+    def decode(self, shard: int, position: int, raw: Any) -> dict[str, Any]:
+        """A sample as a dict with ``image`` uint8 (3, H, W), ``key``, ``shard``, ``position`` (store row,
+        -1 when the store lacks it), ``label`` and ``not_in_store``; or ``{"skipped": reason}``."""
+        if raw.error is not None:
+            return {"skipped": raw.error}
+        image = decode_sample_image(raw.fields)
+        if image is None:
+            return {"skipped": "undecodable"}
+        row = self.rows.locate(shard, position, raw.key) if self.rows is not None else position
+        if self.rows is not None:
+            label = self.rows.reader.hard_label(shard, row) if row is not None else -1
+        else:
+            label = self.hard_labeler(raw.fields)[0] if self.hard_labeler is not None else -1
+        return {"image": image, "key": raw.key, "shard": shard, "position": -1 if row is None else row,
+                "label": int(label), "not_in_store": row is None}
 
     def tile(self, sample: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Sample -> augmented (tile image, tile target) with its region tracked."""
@@ -248,7 +249,8 @@ class ClassificationDataset(IterableDataset):
             yielded = 0
             group: list[tuple[torch.Tensor, dict[str, Any]]] = []
             wanted = self._tiles_wanted()
-            for sample in _shuffle(self.samples(unit, num_units, epoch), self.shuffle_buffer, rng):
+            for shard, position, raw in _shuffle(self.raw_samples(unit, num_units, epoch), self.shuffle_buffer, rng):
+                sample = self.decode(shard, position, raw)
                 if "skipped" in sample:
                     skipped[sample["skipped"]] += 1
                     continue
