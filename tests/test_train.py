@@ -226,8 +226,12 @@ _DDP_SCRIPT = textwrap.dedent("""
 
 
 def test_torchrun_two_gloo_processes_average_gradients(dataset, tmp_path):
+    from lt_distill.stages.train.evaluation import evaluate_checkpoint
+
     ds, store = dataset
-    base = _config(ds, store, tmp_path / "ddp", max_iters=4, checkpoint_every=4)
+    base = _config(ds, store, tmp_path / "ddp", max_iters=4, checkpoint_every=4,
+                   eval={"every": 4, "annotations": str(ds.val_annotations), "images": str(ds.val_images),
+                         "batch_size": 1})
     script = tmp_path / "ddp_train.py"
     script.write_text(_DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -244,3 +248,18 @@ def test_torchrun_two_gloo_processes_average_gradients(dataset, tmp_path):
     records = _train_records(tmp_path / "ddp")
     assert [r["iter"] for r in records] == [1, 2, 3, 4]  # rank 0 logs the mean over ranks
     assert (tmp_path / "ddp" / "checkpoints" / "iter_0000004.pt").is_file()
+    # Evaluation under torchrun: each rank scored half the images into its own file, rank 0 merged them;
+    # the same model evaluated in one process gives the same detections and metrics.
+    merged = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    assert not list((tmp_path / "ddp" / "eval").glob("detections.rank*"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the torchrun processes (OMP_NUM_THREADS=1): the same arithmetic
+    try:
+        single = evaluate_checkpoint(tmp_path / "ddp" / "model_final.pt", ds.val_annotations, ds.val_images,
+                                     out=tmp_path / "single.json", device="cpu", batch_size=1)
+    finally:
+        torch.set_num_threads(threads)
+    key = lambda d: (d["image_id"], d["category_id"], d["score"], d["bbox"])  # noqa: E731
+    assert sorted(json.loads(Path(merged["detections"]).read_text()), key=key) == \
+        sorted(json.loads((tmp_path / "single.json").read_text()), key=key)
+    assert merged["metrics"] == single.metrics
