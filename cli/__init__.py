@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 from . import store_cmds  # noqa: F401,E402
 from . import train_cmds  # noqa: F401,E402
-from . import ops_cmds  # noqa: F401,E402
 from . import precompute_cmds  # noqa: F401,E402
+from . import model_cmds  # noqa: F401,E402
+from . import ops_cmds  # noqa: F401,E402
 from . import data_cmds  # noqa: F401,E402
