@@ -4,6 +4,7 @@ A small synthetic long-tailed dataset (stages.demo.synthetic) plus a label store
 (pipeline.data.synthetic) make a run of a few iterations of the tiny detector at ~128 px.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from lt_distill.pipeline.data.synthetic import write_label_store
 from lt_distill.pipeline.model import build_model, model_config
@@ -148,6 +150,7 @@ def test_mismatched_store_is_refused_before_any_step(dataset, tmp_path):
     assert not steps
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_writes_logs_checkpoints(dataset, tmp_path):
     from lt_distill.stages.train.loop import train
 
@@ -171,6 +174,14 @@ def test_short_run_lowers_loss_and_writes_logs_checkpoints(dataset, tmp_path):
     ckpt = torch.load(result.final_model, weights_only=True)
     assert ckpt["config"]["model"]["transformer"]["hidden_dim"] == 64 and len(ckpt["categories"]) == 6
 
+    # A new run with fewer queries starts from these weights; the tensors that differ are named.
+    printed = io.StringIO()
+    cfg = train_config(None, ["max_iters=1", f"finetune_from={json.dumps(str(result.final_model))}"],
+                       base=_config(ds, store, tmp_path / "finetune", model={"transformer": {"num_queries": 50}}))
+    tuned = train(cfg, console=Console(file=printed, width=200))
+    assert "tgt_embed.weight (100, 64) -> (50, 64)" in printed.getvalue()
+    assert "class_head.proj.weight" in tuned.finetune_report["loaded"]
+
 
 _KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
@@ -191,6 +202,7 @@ def _run_script(base, kill_at, mode):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_losses(dataset, tmp_path):
     ds, store = dataset
     full = _config(ds, store, tmp_path / "full")
@@ -225,6 +237,7 @@ _DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_average_gradients(dataset, tmp_path):
     from lt_distill.stages.train.evaluation import evaluate_checkpoint
 

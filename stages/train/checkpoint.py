@@ -5,7 +5,11 @@ eval`` and ``export`` read it) plus the training state::
 
     {"model", "config" (resolved TrainConfig), "categories" [{"id", "name"}, ...] (class order),
      "iteration" (optimizer steps done), "optimizer", "scheduler", "scaler",
-     "data" [per-rank loader state], "rng" [per-rank RNG state], "lt_distill_version"}
+     "data" (loader position: epoch, batch_in_epoch, epoch_length, world_size),
+     "rng" [per-rank RNG states], "lt_distill_version"}
+
+The loaders are not pickled: their position follows from the iteration, and resuming replays them
+to it (see ``loop.batches``).
 
 Files: ``<output_dir>/checkpoints/iter_0005000.pt`` and ``<output_dir>/checkpoints/last`` (the file
 name of the newest), ``<output_dir>/model_final.pt`` (model, config and categories) at the end.

@@ -275,6 +275,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         if len(world_states) != info.world_size:
             raise LtDistillError(f"--resume: the checkpoint was written by {len(world_states)} processes, "
                                  f"this run has {info.world_size}; exact resume needs the same number")
+        saved_length = ckpt.get("data", {}).get("epoch_length")
+        if saved_length is not None and saved_length != len(data.loader):
+            raise LtDistillError(f"--resume: an epoch had {saved_length} batches per process when the checkpoint "
+                                 f"was written and has {len(data.loader)} now: the training data changed")
 
         def restore() -> None:  # after the replay, which drew from the global RNG
             set_rng_state(world_states[info.rank])
@@ -374,7 +378,8 @@ def _checkpoint(out: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
     state = {"model": model.state_dict(), "config": resolved, "categories": categories, "iteration": iteration,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng,
-             "data": {"epoch_length": len(loader), "world_size": info.world_size},
+             "data": {"epoch_length": len(loader), "epoch": iteration // len(loader),
+                      "batch_in_epoch": iteration % len(loader), "world_size": info.world_size},
              "lt_distill_version": _version()}
     return save_training_checkpoint(out, state, keep=cfg.keep_checkpoints)
 
