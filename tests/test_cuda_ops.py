@@ -293,22 +293,26 @@ def test_module_under_cpu_autocast_bfloat16():
     assert rel_err(out, expected) <= 0.05
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """The op traces without graph breaks (fake kernel) and its autograd formula is used by
+    AOTAutograd; inductor may fuse the surrounding float32 arithmetic differently."""
     torch._dynamo.reset()
     value, sizes, starts, loc, attn = make_inputs(n=2, heads=2, channels=4, queries=6, dtype=torch.float32)
 
     def attend(v, lo, a):
         return ms_deform_attn(v * 2, sizes, starts, lo.clamp(-0.1, 1.1), a.softmax(-1)).square()
 
-    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(attend, fullgraph=True, backend=backend)
     results = []
     for fn in (attend, compiled):
         leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
         out = fn(*leaves)
         out.sum().backward()
         results.append((out, *[t.grad for t in leaves]))
+    tol = 1e-6 if backend == "aot_eager" else 1e-4
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_reference_mode_needs_no_build(monkeypatch):
