@@ -309,8 +309,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
             with torch.autocast(info.device.type, enabled=False):
                 losses = criterion(_float_outputs(outputs), batch["targets"])
                 loss = criterion.weighted_total(losses)
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(loss.detach())
+            names = [*losses, "loss"]  # one device-to-host copy for every term
+            values = dict(zip(names, torch.stack([*losses.values(), loss]).detach().float().tolist()))
             if not math.isfinite(values["loss"]):
                 raise LtDistillError(f"loss is {values['loss']} at iteration {iteration + 1} "
                                      f"({batch['source']} batch): {values}")
