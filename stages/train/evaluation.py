@@ -86,7 +86,8 @@ def evaluate_checkpoint(
             return None
         out_path.parent.mkdir(parents=True, exist_ok=True)
         dets_path.replace(out_path)
-        dets_path.parent.rmdir()
+        if not any(dets_path.parent.iterdir()):  # the per-rank scratch folder, now empty
+            dets_path.parent.rmdir()
         num_images = max_images or len(gt["images"])
         return EvalResult(metrics, out_path, min(num_images, len(gt["images"])), _format_of(gt, fmt))
     finally:
