@@ -96,10 +96,16 @@ def prepare_ops(verbose: bool = False) -> OpsStatus:
     if want_cuda:
         reason = _build.cuda_toolkit_problem()
     info = None
-    try:
-        info = _build.build(with_cuda=want_cuda and reason is None, verbose=verbose)
-    except _build.OpsBuildError as exc:
-        reason = str(exc)
+    if want_cuda and reason is None:
+        try:
+            info = _build.build(with_cuda=True, verbose=verbose)
+        except _build.OpsBuildError as exc:
+            reason = str(exc)  # still try the CPU kernels below
+    if info is None:
+        try:
+            info = _build.build(with_cuda=False, verbose=verbose)
+        except _build.OpsBuildError as exc:
+            reason = f"{reason}; {exc}" if reason else str(exc)
     if info is not None and info.with_cuda:
         capability = torch.cuda.get_device_capability()
         if not _build.arch_covers_device(info.arch_list, capability):
