@@ -293,7 +293,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
     eval_metrics = None
     checkpoint_path = None
     batch_images = data_cfg.batch_size * info.world_size
-    session_start, session_images = time.perf_counter(), 0
+    session_start, session_images = None, 0  # throughput clock starts at the first step (after any replay)
     model.train()
     criterion.train()
     try:
@@ -302,6 +302,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         while iteration < cfg.max_iters:
             iteration, batch = next(stream)
             data_time = time.perf_counter() - t_wait
+            if session_start is None:
+                session_start, data_time = time.perf_counter(), 0.0
+                window.reset()
             skipped.update(batch.get("skipped", {}))
             batch = move_batch(batch, info.device)
             with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -342,7 +345,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
             t_wait = time.perf_counter()
     finally:
         monitor.close()
-    elapsed = time.perf_counter() - session_start
+    elapsed = time.perf_counter() - session_start if session_start is not None else 0.0
     final = save_final_model(out, model, resolved, categories, cfg.max_iters) if info.is_main else None
     return TrainResult(
         output_dir=out, iterations=cfg.max_iters, final_model=final, checkpoint=checkpoint_path,
