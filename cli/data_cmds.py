@@ -41,6 +41,8 @@ def bench_fidelity_cmd(
                                                                  "the whole image).")] = 1.0,
     iou_threshold: Annotated[float, typer.Option("--iou-threshold", help="Below it the soft loss is masked.")] = 0.5,
     top_n: Annotated[int, typer.Option("--top-n", help="Grid crops mixed in interp mode.")] = 4,
+    reproduce: Annotated[int, typer.Option("--reproduce", help="Stored images whose grid crops are re-scored "
+                                                               "first, to check the teacher matches the store.")] = 4,
     preset: Preset = "default",
     device: Device = "auto",
     precision: Precision = "auto",
@@ -57,7 +59,8 @@ def bench_fidelity_cmd(
     base = TeacherConfig(vocab=vocab, device=device, precision=precision, engine=engine)
     result = run_fidelity(store, shards, base, weights=str(weights) if weights else None, num_tiles=tiles,
                           modes=tuple(m.strip() for m in modes.split(",") if m.strip()), preset=preset,
-                          crop_prob=crop_prob, iou_threshold=iou_threshold, interp_top_n=top_n, seed=seed)
+                          crop_prob=crop_prob, iou_threshold=iou_threshold, interp_top_n=top_n, seed=seed,
+                          reproduce=reproduce)
     print_fidelity(result, console)
     _write_json(json_out, result)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lt_distill.bench.fidelity import check_same_teacher, measure_fidelity, teacher_config_for_store
+from lt_distill.bench.fidelity import check_same_teacher, measure_fidelity, reproduce_store, teacher_config_for_store
 from lt_distill.bench.labels import run_labels_bench
 from lt_distill.pipeline.data import (
     build_classification_dataset,
@@ -38,6 +38,9 @@ class ColourLayoutScorer:
         x = torch.nn.functional.adaptive_avg_pool2d(crops.float() / 255, 4).flatten(1)
         x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
         return torch.softmax(8.0 * x @ self.proj / 48 ** 0.5, -1)
+
+    def score_crops(self, image, boxes):
+        return self.score_crop_batch(crop_and_resize(image, boxes, self.input_size))
 
 
 def fill_store(path, urls, scorer, grid="default", topk=8):
@@ -81,6 +84,10 @@ def test_fidelity_exact_mode_reproduces_the_grid_labels(tmp_path):
     assert exact["flipped"]["mean_kl"] > 5 * exact["unflipped"]["mean_kl"]
     assert nearest["unflipped"]["mean_kl"] > exact["unflipped"]["mean_kl"]
     assert exact["whole-image label"]["top1_agreement"] < exact["unflipped"]["top1_agreement"]
+    # The store reproduction check: the same scorer reproduces the stored labels, another one does not.
+    same = reproduce_store(reader, pattern, scorer, num_images=3)
+    assert same["images"] == 3 and same["top1_agreement"] == 1.0 and same["mean_kl"] < 0.05
+    assert reproduce_store(reader, pattern, ColourLayoutScorer(seed=1), num_images=3)["top1_agreement"] < 0.5
 
 
 def test_teacher_is_rebuilt_from_the_store_provenance(tmp_path):
