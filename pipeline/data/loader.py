@@ -11,15 +11,15 @@ from torch.utils.data import BatchSampler, DataLoader
 from ...errors import LtDistillError
 from ...store import LabelReader
 from ..grid import GridSpec
-from . import transforms as T
 from ..shards import expand_shards
+from . import transforms as T
 from .classification import ClassificationDataset, HardLabelFn, StoreRows
 from .collate import Collate
 from .config import DataConfig
 from .detection import DetectionDataset, load_detection_annotations
 from .labels import CropSoftLabels, ObjectSoftLabels, check_label_store
 from .mosaic import RandomMosaic
-from .sampler import RepeatFactorSampler, _dist_info, repeat_factors
+from .sampler import RepeatFactorSampler, dist_info, repeat_factors
 
 
 def open_label_store(cfg: DataConfig, vocabulary: Sequence[str] | None = None) -> LabelReader | None:
@@ -138,7 +138,7 @@ def build_train_loader(cfg: DataConfig, reader: LabelReader | None = None, *,
                        num_replicas: int | None = None, rank: int | None = None) -> AlternatingLoader:
     """Detection and (when ``cfg.cls_shards`` is set) classification batches, alternating 1:1.
     ``reader`` comes from :func:`open_label_store` (None in online mode without a store)."""
-    num_replicas, rank = _dist_info(num_replicas, rank)
+    num_replicas, rank = dist_info(num_replicas, rank)
     det = build_detection_dataset(cfg, reader)
     det_loader = build_detection_loader(cfg, det, num_replicas, rank)
     cls_loader = None

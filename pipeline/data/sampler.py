@@ -37,7 +37,8 @@ def repeat_factors(image_categories: Sequence[Sequence[int]], threshold: float) 
                       dtype=np.float64)
 
 
-def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+def dist_info(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
+    """(num_replicas, rank), defaulting to torch.distributed's (1, 0 when not initialised)."""
     if num_replicas is None:
         num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if rank is None:
@@ -60,7 +61,7 @@ class RepeatFactorSampler(Sampler[int]):
             raise ValueError("repeat-factor sampler: empty dataset")
         if (self.factors < 1).any():
             raise ValueError("repeat factors must be >= 1")
-        self.num_replicas, self.rank = _dist_info(num_replicas, rank)
+        self.num_replicas, self.rank = dist_info(num_replicas, rank)
         self.shuffle = shuffle
         self.seed = seed
         self.set_epoch(0)
