@@ -154,7 +154,10 @@ def test_empty_targets_train_without_denoising(tiny):
     assert "dn_outputs" not in out
     losses = criterion(out, targets)
     assert losses["loss_bbox"] == 0 and losses["loss_ce"] > 0  # every query is a negative
+    model.zero_grad(set_to_none=True)
     criterion.weighted_total(losses).backward()
+    # Every trainable parameter is still in the graph (DistributedDataParallel requires it).
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_postprocess_top_pairs_in_original_pixels(tiny):

@@ -31,7 +31,7 @@ from torch import nn
 
 from .backbone import MultiScaleFeatures
 from .box_ops import box_cxcywh_to_xyxy
-from .deformable_transformer import MLP, DeformableTransformer
+from .deformable_transformer import MLP, DeformableTransformer, EncoderMemory
 from .denoising import make_denoising_queries
 
 
@@ -121,22 +121,15 @@ class DINO(nn.Module):
             out["pred_semantic"] = self.semantic_head(hidden, self.text_embeddings)
         return out
 
-    def forward(
-        self, images: torch.Tensor, pixel_mask: torch.Tensor | None = None, targets: list[dict] | None = None
-    ) -> dict:
-        if pixel_mask is None:
-            pixel_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        srcs, masks, pos = self.features(images, pixel_mask)
-        mem = self.transformer.encode(srcs, masks, pos)
-
-        # Two-stage "mixed" query selection: positions from the best encoder proposals, content learnt.
+    def _select_queries(self, mem: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Two-stage "mixed" query selection: positions from the Q best encoder proposals (detached),
+        learnable content. Returns content ``(B, Q, D)``, boxes before sigmoid ``(B, Q, 4)`` and the
+        selected proposals' outputs for the encoder loss."""
         enc_memory, proposals_unsig, valid = self.transformer.proposals(mem)
         enc_logits = self.enc_class_head(enc_memory, self.text_embeddings)  # (B, S, C)
         scores = enc_logits.max(-1).values.masked_fill(~valid, float("-inf"))
         if scores.shape[1] < self.num_queries:
-            raise ValueError(
-                f"images of {tuple(images.shape[-2:])} give {scores.shape[1]} tokens, fewer than {self.num_queries} queries"
-            )
+            raise ValueError(f"the images give {scores.shape[1]} feature tokens, fewer than {self.num_queries} queries")
         topk = scores.topk(self.num_queries, dim=1).indices  # (B, Q)
         enc_boxes_unsig = self.enc_bbox_head(enc_memory) + proposals_unsig
         ref_unsig = torch.gather(enc_boxes_unsig, 1, topk[..., None].expand(-1, -1, 4))
@@ -144,8 +137,20 @@ class DINO(nn.Module):
             "pred_logits": torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
             "pred_boxes": ref_unsig.sigmoid(),
         }
-        tgt = self.tgt_embed.weight[None].expand(images.shape[0], -1, -1)
-        ref_unsig = ref_unsig.detach()
+        tgt = self.tgt_embed.weight[None].expand(scores.shape[0], -1, -1)
+        return tgt, ref_unsig.detach(), enc_outputs
+
+    def forward(
+        self, images: torch.Tensor, pixel_mask: torch.Tensor | None = None, targets: list[dict] | None = None
+    ) -> dict:
+        """images ``(B, 3, H, W)``, pixel_mask ``(B, H, W)`` True on padding, targets (training only,
+        for denoising queries) -> outputs dict (see the module docstring)."""
+        if pixel_mask is None:
+            pixel_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        srcs, masks, pos = self.features(images, pixel_mask)
+        mem = self.transformer.encode(srcs, masks, pos)
+
+        tgt, ref_unsig, enc_outputs = self._select_queries(mem)
 
         dn = None
         if self.training and targets is not None:
@@ -154,6 +159,10 @@ class DINO(nn.Module):
                 self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale,
             )
         attn_mask = None
+        if dn is None and self.training:
+            # A batch without boxes: keep the denoising parameters in the graph (gradient 0) so that
+            # DistributedDataParallel sees every parameter used in every step.
+            tgt = tgt + 0.0 * (self.dn_label_proj.weight.sum() + self.dn_unknown_label.sum())
         if dn is not None:
             tgt = torch.cat([dn.content.to(tgt.dtype), tgt], 1)
             ref_unsig = torch.cat([dn.boxes_unsig.to(ref_unsig.dtype), ref_unsig], 1)

@@ -26,12 +26,10 @@ def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float, g
 
     A label of -1 (class unknown) costs 0, so such boxes are matched on geometry alone.
     """
-    prob = logits.sigmoid()
+    prob = logits[:, labels.clamp(min=0)].sigmoid()  # only the target classes: C may be 1203
     neg = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
     pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-    known = labels >= 0
-    cost = (pos - neg)[:, labels.clamp(min=0)]
-    return cost * known[None].to(cost.dtype)
+    return (pos - neg) * (labels >= 0)[None].to(prob.dtype)
 
 
 class HungarianMatcher(nn.Module):
