@@ -57,6 +57,8 @@ def precompute_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher forward (x K crops in crops "
                                             "mode).")] = 16,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes (decode + crop).")] = 4,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads of the main process (0: this rank's "
+                                         "CPUs minus --workers, at least 1).")] = 0,
     shard_capacity: Annotated[int, typer.Option(
         "--shard-capacity", help="Rows per source shard (0: count the shards' samples when creating).")] = 0,
     annotations: Annotated[Optional[Path], typer.Option(
@@ -79,7 +81,7 @@ def precompute_cmd(
     cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher, mode=mode, grid=grid, topk=topk,
                            residual=residual, labels=labels, class_list=class_list,
                            synset_wnids=str(synset_wnids) if synset_wnids else "", pseudo_threshold=pseudo_threshold,
-                           batch_size=batch_size, workers=workers, shard_capacity=shard_capacity,
+                           batch_size=batch_size, workers=workers, threads=threads, shard_capacity=shard_capacity,
                            annotations=str(annotations) if annotations else "", images=str(images) if images else "",
                            overwrite=overwrite, summary_json=str(summary_json) if summary_json else "",
                            progress=progress)
@@ -113,6 +115,9 @@ def bench_precompute_cmd(
     engines: Annotated[str, typer.Option("--engines", help="Engines to time, comma-separated (unavailable ones are "
                                          "reported as such).")] = "eager,compile,tensorrt",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda:N.")] = "auto",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per figure (the best is kept).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads (0: CPUs minus --workers, as the "
+                                         "job picks).")] = 0,
 ) -> None:
     """Stage rates (read+decode+crop, teacher, top-k+write), whole-job rate and efficiency in crops and pooled
     mode, crops-vs-pooled cost, and images/s per engine, on generated shards."""
@@ -120,7 +125,8 @@ def bench_precompute_cmd(
 
     results = bench_precompute(model=model, num_shards=shards, images_per_shard=images_per_shard, grid=grid,
                                workers=workers, batch_size=batch_size,
-                               engines=[e.strip() for e in engines.split(",") if e.strip()], device=device)
+                               engines=[e.strip() for e in engines.split(",") if e.strip()], device=device,
+                               repeats=repeats, threads=threads)
     print_results(results, console)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -210,7 +210,7 @@ def test_clear_errors_and_nothing_written(case, data, tmp_path, capsys):
 def test_overwrite_replaces_a_store_with_other_settings(data, tmp_path, capsys):
     root, pattern = data
     base = ["precompute", "--store", tmp_path / "s", "--shards", pattern, *TINY, "--labels", "none",
-            "--grid", "whole", "--workers", "0"]
+            "--grid", "whole", "--workers", "1"]
     assert run_cli(capsys, *base)[0] == 0
     code, _, err = run_cli(capsys, *base, "--residual", "renormalise")
     assert code == 2 and "encoding.residual: store has 'spread', run expects 'renormalise'" in err
@@ -225,7 +225,7 @@ def test_pseudo_labels_when_there_are_no_source_labels(data, tmp_path):
     results = {}
     for threshold in (0.0, 1.0):
         cfg = PrecomputeConfig(store=str(tmp_path / f"t{threshold}"), shards=pattern, labels="none", grid="coarse",
-                               pseudo_threshold=threshold, workers=0, progress=False,
+                               pseudo_threshold=threshold, workers=1, progress=False,
                                teacher=TeacherConfig(model="lt-tiny-rn", random_init=True, templates="single"))
         run_precompute(cfg, log=lambda _m: None)
         store = LabelStore.open(tmp_path / f"t{threshold}")

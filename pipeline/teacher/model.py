@@ -30,7 +30,7 @@ from torchvision.ops import roi_align
 from ...errors import LtDistillError
 from ..vocab import Vocabulary, load_vocabulary, resolve_templates
 from .config import MODES, TeacherConfig
-from .engines import PARITY_TOLERANCE, Engine, ParityCheck, autocast, build_engine, eager_engine
+from .engines import PARITY_TOLERANCE, Engine, ParityCheck, autocast, build_engine, eager_engine, resolve_engine
 from .preprocess import Normalize, crop_and_resize, resize_image
 
 
@@ -75,7 +75,7 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 @torch.no_grad()
-def calibrate_batchnorm(visual: torch.nn.Module, seed: int = 0, images: int = 32) -> None:
+def calibrate_batchnorm(visual: torch.nn.Module, seed: int = 0, images: int = 8) -> None:
     """Set a random image tower's BatchNorm statistics from seeded smooth-noise images.
 
     open_clip's init leaves BatchNorm at identity statistics and zeroes each residual branch's last BN,
@@ -270,7 +270,7 @@ class Teacher:
         self._check_mode(mode)
         if mode not in self._engines:
             module = self._modules[mode]
-            if self.requested_engine == "eager":
+            if resolve_engine(self.requested_engine, self.device) == "eager":
                 self._engines[mode] = eager_engine(module, self.device, self.precision)
             else:
                 self._engines[mode] = self._build_compiled(mode, module)
