@@ -409,13 +409,15 @@ class ShardLabeler:
 
 
 class _Progress:
-    """A rich progress bar over images (total estimated from the shards' sizes), with images/s and ETA."""
+    """A rich progress bar over images, with images/s and ETA. The total is estimated from the shards'
+    row counts (those already in the store, then those finished by this run) and refined as shards finish."""
 
     def __init__(self, enabled: bool, shards: int, per_shard: float) -> None:
         self.enabled = enabled and shards > 0
         self.remaining_shards = shards
         self.per_shard = per_shard
         self.done_images = 0
+        self.finished_rows: list[int] = []
         if self.enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -432,9 +434,11 @@ class _Progress:
             rate = self.done_images / max(time.perf_counter() - self.start, 1e-9)
             self.bar.update(self.task, advance=images, rate=rate)
 
-    def shard_done(self) -> None:
+    def shard_done(self, rows: int) -> None:
         self.remaining_shards -= 1
-        if self.enabled:  # re-estimate the total from what shards really hold
+        self.finished_rows.append(rows)
+        self.per_shard = sum(self.finished_rows) / len(self.finished_rows)
+        if self.enabled:
             self.bar.update(self.task, total=self.done_images + int(self.remaining_shards * self.per_shard))
 
     def close(self) -> None:
@@ -475,7 +479,7 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
             counts["done"] += int((result.status == STATUS_DONE).sum())
             for code in result.reasons[result.status == STATUS_FAILED]:
                 counts["failed"][REASONS[int(code)]] += 1
-            bar.shard_done()
+            bar.shard_done(len(result))
 
         try:
             capacity = store.layout.shard_capacity
