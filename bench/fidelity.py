@@ -64,7 +64,7 @@ def teacher_config_for_store(attrs: dict[str, Any], base: TeacherConfig, weights
         changes["synonyms"] = bool(t["synonyms"])
     if "temperature" in t:
         changes["temperature"] = float(t["temperature"])
-    m = re.fullmatch(r"random-init:seed=(-?\d+)", str(t.get("weights_sha256", "")))
+    m = re.fullmatch(r"random-init:(?:v\d+:)?seed=(-?\d+)(?::sha256=[0-9a-f]+)?", str(t.get("weights_sha256", "")))
     if weights:
         changes.update(weights=weights, random_init=False)
     elif m:

@@ -285,3 +285,17 @@ def test_tensorrt_unavailable_reason_names_the_cause():
     reason = tensorrt_unavailable_reason(torch.device("cuda"))
     if importlib.util.find_spec("torch_tensorrt") is None:
         assert "torch-tensorrt is not installed" in reason
+
+
+def test_random_init_weights_id_names_the_parameters():
+    from lt_distill.pipeline.teacher.model import RANDOM_INIT_VERSION, load_open_clip
+
+    a, id_a = load_open_clip("lt-tiny-rn", None, random_init=True, seed=0)
+    _, id_a2 = load_open_clip("lt-tiny-rn", None, random_init=True, seed=0)
+    _, id_b = load_open_clip("lt-tiny-rn", None, random_init=True, seed=1)
+    assert id_a == id_a2 and id_a != id_b
+    assert id_a.startswith(f"random-init:v{RANDOM_INIT_VERSION}:seed=0:sha256=")
+    with torch.no_grad():
+        next(a.parameters()).add_(1e-3)  # other weights, same seed: the id must change
+    from lt_distill.pipeline.teacher.model import parameters_sha256
+    assert parameters_sha256(a)[:16] != id_a.rsplit("=", 1)[1]

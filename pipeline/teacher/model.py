@@ -100,11 +100,28 @@ def calibrate_batchnorm(visual: torch.nn.Module, seed: int = 0, images: int = 8)
         m.momentum = 0.1
 
 
+# Bump when the way random teachers are made changes (e.g. the BatchNorm calibration): the parameters'
+# digest below cannot see it, because calibrated BatchNorm statistics differ in their last bits with the
+# number of threads and are left out of the digest.
+RANDOM_INIT_VERSION = 2
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's parameters (names, dtypes, shapes and values, in order)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.named_parameters():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_open_clip(model_name: str, weights: str | None, random_init: bool = False,
                    seed: int = 0) -> tuple[torch.nn.Module, str]:
     """Build open_clip model ``model_name`` with local ``weights`` (``weights_only=True``) or, only when
     ``random_init``, seeded random weights. Returns (model in eval mode on the CPU, weights id): the
-    weights file's SHA-256, or ``random-init:seed=N``."""
+    weights file's SHA-256, or ``random-init:vV:seed=N:sha256=...`` (the procedure's version and a digest
+    of the initialised parameters, so other random weights never pass for the same teacher)."""
     known = open_clip.list_models()
     if model_name not in known:
         near = [m for m in known if m.lower().startswith(model_name.lower()[:2])][:8]
@@ -126,7 +143,8 @@ def load_open_clip(model_name: str, weights: str | None, random_init: bool = Fal
                 calibrate_batchnorm(model.visual, seed)
         finally:
             root.removeFilter(drop)
-        return model.eval(), f"random-init:seed={seed}"
+        weights_id = f"random-init:v{RANDOM_INIT_VERSION}:seed={seed}:sha256={parameters_sha256(model)[:16]}"
+        return model.eval(), weights_id
     path = Path(weights)
     if not path.is_file():
         raise TeacherError(f"teacher weights file not found: {path}")
