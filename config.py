@@ -7,6 +7,7 @@ typo in a config file is an error that names the key rather than a silently igno
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -68,6 +69,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
     return out
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``overrides`` merged in: nested tables merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def from_preset(cls: type[T], presets: dict[str, dict[str, Any]], name: str,
+                overrides: dict[str, Any] | None = None, kind: str = "") -> T:
+    """Preset ``name`` (a dict of overrides on ``cls``'s defaults) plus ``overrides``, validated into ``cls``."""
+    if name not in presets:
+        raise ConfigError(f"unknown {kind + ' ' if kind else ''}preset {name!r}; choose one of {sorted(presets)}")
+    return from_dict(cls, deep_merge(presets[name], overrides or {}))
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

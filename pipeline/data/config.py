@@ -9,12 +9,10 @@ of 32, longest side <= 1333, random size crop half the time) and RichSem's class
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Literal
 
-from ...config import from_dict
-from ...errors import ConfigError
+from ...config import from_preset
 from ..grid import MATCH_MODES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,18 +133,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def data_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> DataConfig:
     """The named preset with optional nested ``overrides`` applied, validated into a DataConfig."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown data preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return from_dict(DataConfig, _merge(PRESETS[preset], overrides or {}))
+    return from_preset(DataConfig, PRESETS, preset, overrides, "data")

@@ -8,12 +8,10 @@ DESIGN §5), never a copy, so the difference between two presets is visible at a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
-from ...config import from_dict
-from ...errors import ConfigError
+from ...config import from_preset
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -119,18 +117,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def model_config(preset: str = "dino-r50-4scale", overrides: dict[str, Any] | None = None) -> ModelConfig:
     """The named preset with optional nested ``overrides`` applied, validated into a ModelConfig."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return from_dict(ModelConfig, _merge(PRESETS[preset], overrides or {}))
+    return from_preset(ModelConfig, PRESETS, preset, overrides, "model")
