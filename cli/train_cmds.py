@@ -92,10 +92,16 @@ def train_cmd(
     finetune_from: Annotated[Optional[Path], typer.Option(
         "--finetune-from", help="Initialise from this checkpoint's weights; tensors whose name or shape differ "
                                 "(e.g. another vocabulary) are skipped and listed.")] = None,
+    soft_labels: Annotated[Optional[str], typer.Option(
+        "--soft-labels", help="cached: read the label store (data.label_store, default); online: the CLIP teacher "
+                              "of the teacher section scores every batch's tiles and boxes during training "
+                              "(RichSem's original set-up, for comparison; no store). Shortcut for "
+                              "--set data.soft_labels=...")] = None,
 ) -> None:
-    """Train the detector from cached soft labels (stage 2). Under torchrun: DDP (NCCL on GPU, gloo on CPU).
-    Logs: <output_dir>/metrics.jsonl, TensorBoard in <output_dir>/tensorboard; checkpoints in
-    <output_dir>/checkpoints; final weights <output_dir>/model_final.pt."""
+    """Train the detector (stage 2) from cached soft labels, or with --soft-labels online from a CLIP teacher
+    run on every batch. Under torchrun: DDP (NCCL on GPU, gloo on CPU). Logs: <output_dir>/metrics.jsonl,
+    TensorBoard in <output_dir>/tensorboard; checkpoints in <output_dir>/checkpoints; final weights
+    <output_dir>/model_final.pt."""
     from ..stages.train.config import train_config
     from ..stages.train.loop import train
 
@@ -104,6 +110,8 @@ def train_cmd(
         sets.append(f"output_dir={json.dumps(str(output_dir))}")
     if finetune_from is not None:
         sets.append(f"finetune_from={json.dumps(str(finetune_from))}")
+    if soft_labels is not None:
+        sets.append(f"data.soft_labels={json.dumps(soft_labels)}")
     base = None
     if config is None:
         run_dir = output_dir or _output_dir_from(sets)

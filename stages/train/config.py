@@ -17,6 +17,21 @@ The model and data sections are *overrides* on a named preset of their own regis
     [optim]
     lr_drop = [82500]
 
+With ``data.soft_labels = "online"`` (RichSem's original behaviour, kept for comparison) no label
+store is read: the ``[teacher]`` section (a :class:`~lt_distill.pipeline.teacher.TeacherConfig`)
+names the CLIP teacher that scores every batch's tiles and boxes during training, and the
+``[hard_labels]`` section says where the classification images' hard labels come from (as
+``lt-distill precompute --labels/--class-list/--synset-wnids``). Both sections are ignored in cached
+mode::
+
+    [data]
+    soft_labels = "online"
+
+    [teacher]
+    model = "RN50"
+    weights = "weights/RN50.openai.bin"
+    vocab = "lvis/lvis_v1_train.json"  # must list the detection categories, by name, in id order
+
 Everything is validated when the config is built (unknown keys, wrong types, bad values and
 unknown presets are errors that name the key), before any data is read.
 """
@@ -31,6 +46,8 @@ from ...config import apply_overrides, from_dict, load_config_file, to_dict
 from ...errors import ConfigError
 from ...pipeline.data.config import DataConfig, data_config
 from ...pipeline.model.config import ModelConfig, model_config
+from ...pipeline.teacher.config import TeacherConfig
+from ...pipeline.vocab import LabelSource
 
 
 @dataclasses.dataclass
@@ -74,6 +91,25 @@ class StoreCheckConfig:
 
 
 @dataclasses.dataclass
+class HardLabelConfig:
+    """Online mode only: the classification images' hard labels, mapped to the vocabulary as precompute
+    maps them (:class:`~lt_distill.pipeline.vocab.HardLabeler`). ``source``: ``cls`` (an index into
+    ``class_list``), ``json`` / ``json:FIELD`` (a wnid or class-list index in the ``.json`` member) or
+    ``none``: the tile's teacher top-1 when its probability exceeds ``pseudo_threshold``, else -1
+    (RichSem Eq. 7)."""
+
+    source: str = "cls"
+    class_list: str = "imagenet21k"  # .cls index space: named list or file (one wnid a line)
+    synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
+    pseudo_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        LabelSource.parse(self.source)  # raises ConfigError naming the bad value
+        if not 0.0 <= self.pseudo_threshold <= 1.0:
+            raise ConfigError(f"hard_labels.pseudo_threshold must be in [0, 1], got {self.pseudo_threshold}")
+
+
+@dataclasses.dataclass
 class EvalConfig:
     """Periodic evaluation during training (``every`` iterations and at the end; 0 = never)."""
 
@@ -92,7 +128,10 @@ class TrainConfig:
     data_preset: str = "default"
     data: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides on the data preset
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    store_check: StoreCheckConfig = dataclasses.field(default_factory=StoreCheckConfig)
+    store_check: StoreCheckConfig = dataclasses.field(default_factory=StoreCheckConfig)  # cached mode
+    # Online mode (data.soft_labels = "online") only; teacher.device "auto" = the training device.
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    hard_labels: HardLabelConfig = dataclasses.field(default_factory=HardLabelConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     max_iters: int = 90000  # optimizer steps (each on one batch: detection and classification alternate)
     checkpoint_every: int = 5000

@@ -13,6 +13,11 @@ therefore produces the same losses after a kill and ``--resume`` as without the 
 
 The label store is checked against the run before any step: the vocabulary (the detection
 categories in id order), the grid, and whichever of top-k / residual / teacher the config names.
+
+With ``data.soft_labels = "online"`` no store is read: each rank builds the CLIP teacher of
+``cfg.teacher`` once, its class text embeddings become the language classifier (its vocabulary must
+be the detection categories, checked by name before any step), and every batch is scored by it on
+the CPU before it moves to the device (``stages.train.online``; logged as ``label_time``).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .monitor import TrainMonitor
+from .online import OnlineLabels, build_online_labels
 from .optim import build_optimizer, build_scheduler
 from .runtime import DistInfo, cleanup, gather_objects, init_distributed, reduce_mean, resolve_amp
 
@@ -78,12 +84,16 @@ class TrainResult:
 
 @dataclasses.dataclass
 class TrainData:
-    """What the loop needs from the data: the loader, the class order and the store."""
+    """What the loop needs from the data: the loader, the class order, the class text embeddings (C, D)
+    float32 for the language classifier, and where soft labels come from: the store (cached mode) or
+    ``online``, which fills each batch's soft labels (online mode)."""
 
     loader: AlternatingLoader
     categories: list[dict[str, Any]]
     class_image_counts: torch.Tensor
-    reader: LabelReader
+    text_embeddings: torch.Tensor
+    reader: LabelReader | None = None
+    online: OnlineLabels | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -93,10 +103,10 @@ def seed_everything(seed: int) -> None:
 
 
 def open_store_checked(data_cfg: DataConfig, names: list[str], cfg: TrainConfig) -> LabelReader:
-    """The label store, refused (``StoreMismatchError`` naming each field) unless it matches the run."""
+    """Cached mode: the label store, refused (``StoreMismatchError`` naming each field) unless it matches
+    the run."""
     if data_cfg.soft_labels != "cached":
-        raise LtDistillError("lt-distill train reads soft labels from a label store: set data.soft_labels = "
-                             "'cached' (online teacher scoring is not part of the training loop)")
+        raise LtDistillError(f"soft_labels = {data_cfg.soft_labels!r} reads no label store")
     if not data_cfg.label_store:
         raise LtDistillError("no label store: set data.label_store (made by lt-distill precompute)")
     if not Path(data_cfg.label_store).exists():
@@ -108,21 +118,40 @@ def open_store_checked(data_cfg: DataConfig, names: list[str], cfg: TrainConfig)
     return reader
 
 
+def _store_text_embeddings(reader: LabelReader, data_cfg: DataConfig) -> torch.Tensor:
+    text = reader.text_embeddings()
+    if text is None:
+        raise LtDistillError(f"label store {data_cfg.label_store} has no class text embeddings "
+                             "(precompute writes them); the language classifier needs them")
+    return torch.as_tensor(np.asarray(text)).float()
+
+
 def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> TrainData:
-    """Detection annotations -> store check -> datasets -> 1:1 alternating loader (this rank's share)."""
+    """Detection annotations -> store check (cached) or teacher (online) -> datasets -> 1:1 alternating
+    loader (this rank's share)."""
     if not data_cfg.det_annotations or not data_cfg.det_images:
         raise LtDistillError("training needs data.det_annotations and data.det_images")
     records, categories, skipped = load_detection_annotations(data_cfg.det_annotations)
-    reader = open_store_checked(data_cfg, [c["name"] for c in categories], cfg)
+    names = [c["name"] for c in categories]
+    reader, online = None, None
+    if data_cfg.soft_labels == "online":
+        online = build_online_labels(cfg.teacher, cfg.hard_labels, names, data_cfg.det_annotations, info.device,
+                                     data_cfg.pixel_mean, data_cfg.pixel_std)
+        text = online.text_embeddings
+    else:
+        reader = open_store_checked(data_cfg, names, cfg)
+        text = _store_text_embeddings(reader, data_cfg)
     det = DetectionDataset(records, data_cfg.det_images, categories,
                            transforms=T.make_detection_transforms(data_cfg.det_aug),
-                           objects=ObjectSoftLabels(reader), pixel_mean=data_cfg.pixel_mean,
-                           pixel_std=data_cfg.pixel_std, skipped=skipped)
+                           objects=ObjectSoftLabels(reader) if reader is not None else None,
+                           pixel_mean=data_cfg.pixel_mean, pixel_std=data_cfg.pixel_std, skipped=skipped)
     det_loader = build_detection_loader(data_cfg, det, info.world_size, info.rank)
     cls_loader = None
     if data_cfg.cls_shards:
         cls: ClassificationDataset = build_classification_dataset(
-            data_cfg, reader, num_replicas=info.world_size, rank=info.rank)
+            data_cfg, reader, num_classes=len(categories),
+            hard_labeler=online.hard_labeler if online is not None else None,
+            num_replicas=info.world_size, rank=info.rank)
         cls_loader = build_classification_loader(data_cfg, cls)
     # Worker seeds come from each loader's own generator, not from the global RNG that the model
     # also draws from: a replayed loader then reproduces the interrupted run's augmentations.
@@ -132,7 +161,7 @@ def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> 
     counts = torch.zeros(len(categories))
     for cats in det.image_categories():
         counts[torch.as_tensor(cats, dtype=torch.long)] += 1
-    return TrainData(AlternatingLoader(det_loader, cls_loader), categories, counts, reader)
+    return TrainData(AlternatingLoader(det_loader, cls_loader), categories, counts, text, reader, online)
 
 
 def batches(loader: AlternatingLoader, start: int = 0, on_caught_up: Callable[[], None] | None = None) -> Any:
@@ -187,14 +216,17 @@ class _Window:
         self.sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.counts: Counter = Counter()
         self.data_time = 0.0
+        self.label_time: float | None = None  # online teacher scoring (online mode only)
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, source: str, values: dict[str, float], data_time: float) -> None:
+    def add(self, source: str, values: dict[str, float], data_time: float, label_time: float | None = None) -> None:
         for k, v in values.items():
             self.sums[source][k] += v
         self.counts[source] += 1
         self.data_time += data_time
+        if label_time is not None:
+            self.label_time = (self.label_time or 0.0) + label_time
         self.steps += 1
 
     def means(self, source: str) -> dict[str, float]:
@@ -224,7 +256,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         if path is None:
             raise LtDistillError(f"--resume: {out} has no checkpoint to resume from")
         ckpt = load_training_checkpoint(path)
-        diffs = _compare_resolved(ckpt["config"], resolved, ("model", "data"))
+        sections = ("model", "data", "teacher", "hard_labels") if cfg.data_config().soft_labels == "online" \
+            else ("model", "data")
+        diffs = _compare_resolved(ckpt["config"], resolved, sections)
         if diffs:
             raise LtDistillError(f"--resume: the config differs from the checkpoint's ({'; '.join(diffs[:5])}); "
                                  "start a new run (optionally --finetune-from the checkpoint)")
@@ -234,13 +268,10 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
 
     seed_everything(cfg.seed + info.rank)
     data_cfg, model_cfg = cfg.data_config(), cfg.model_config()
-    data = build_train_data(data_cfg, cfg, info)  # the store check happens here, before any step
-    text = data.reader.text_embeddings()
-    if text is None:
-        raise LtDistillError(f"label store {data_cfg.label_store} has no class text embeddings "
-                             "(precompute writes them); the language classifier needs them")
-    model, criterion, postprocess = build_model(model_cfg, torch.as_tensor(np.asarray(text)).float(),
-                                                data.class_image_counts)
+    data = build_train_data(data_cfg, cfg, info)  # store / vocabulary checks happen here, before any step
+    if data.online is not None and data_cfg.label_store and info.is_main:
+        console.print(f"online soft labels: the label store {data_cfg.label_store} is not read")
+    model, criterion, postprocess = build_model(model_cfg, data.text_embeddings, data.class_image_counts)
     finetune_report = None
     if cfg.finetune_from and ckpt is None:
         finetune_report = load_finetune_weights(model, load_checkpoint(cfg.finetune_from)["model"])
@@ -306,6 +337,11 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
                 session_start, data_time = time.perf_counter(), 0.0
                 window.reset()
             skipped.update(batch.get("skipped", {}))
+            label_time = None
+            if data.online is not None:  # the teacher scores the CPU batch (RichSem's online labels)
+                t_label = time.perf_counter()
+                batch = data.online(batch)
+                label_time = time.perf_counter() - t_label
             batch = move_batch(batch, info.device)
             with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = ddp_model(batch["images"], batch["pixel_mask"], batch["targets"])
@@ -330,7 +366,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
             session_images += batch_images
             if on_step is not None:
                 on_step(iteration, values)
-            window.add(batch["source"], values, data_time)
+            window.add(batch["source"], values, data_time, label_time)
 
             if iteration % cfg.log_every == 0 or iteration == cfg.max_iters:
                 last_logged = _log_window(window, iteration, optimizer, batch_images, monitor, info)
@@ -363,6 +399,8 @@ def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimize
               "images_per_s": window.steps * batch_images / max(elapsed, 1e-9),
               "data_time": window.data_time / max(window.steps, 1),
               "iter_time": elapsed / max(window.steps, 1)}
+    if window.label_time is not None:
+        common["label_time"] = window.label_time / max(window.steps, 1)
     logged: dict[str, float] = {}
     # Every rank alternates sources in lockstep, so each sees the same sources in a window.
     for source in sorted(window.counts):
