@@ -42,7 +42,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from ...config import apply_overrides, from_dict, load_config_file, to_dict
+from ...config import apply_overrides, deep_merge, from_dict, load_config_file, to_dict
 from ...errors import ConfigError
 from ...pipeline.data.config import DataConfig, data_config
 from ...pipeline.model.config import ModelConfig, model_config
@@ -181,12 +181,6 @@ def train_config(
     """Config file (TOML/JSON; optional) on top of ``base`` (a dict), then ``key=value`` overrides."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _deep_merge(data, load_config_file(path))
+        data = deep_merge(data, load_config_file(path))
     return from_dict(TrainConfig, apply_overrides(data, overrides or []))
 
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
