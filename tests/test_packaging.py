@@ -1,5 +1,6 @@
 """The repository root installs as the package ``lt_distill`` and nothing else."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -25,7 +26,10 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 @pytest.mark.slow
 def test_wheel_installs_only_lt_distill(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    # Build from a copy: setuptools leaves a build/ folder in the source tree.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("*.whl")
     top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
