@@ -75,74 +75,110 @@ def _timed_reads(reader: LabelReader, rows: list[tuple[int, int]]) -> float:
     return len(rows) / (time.perf_counter() - start)
 
 
-def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: int = 30, topk: int = 16,
-                        num_reads: int = 50_000, workdir: Path | None = None, seed: int = 0,
-                        console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lt-distill-bench-store-")
-        workdir = Path(tmp.name)
-    path = Path(workdir) / "bench.zarr"
-    gen = ClipLikeLabels(seed, num_crops)
-    layout = StoreLayout(num_shards=num_shards, shard_capacity=capacity, num_crops=num_crops, topk=topk,
-                         num_classes=gen.num_classes)
+def _write_store(path: Path, gen: ClipLikeLabels, layout: StoreLayout, seed: int) -> dict[str, Any]:
+    """Write every shard; return the write time, top-k loss statistics (first 4 shards, exact full
+    distributions) and a few rows' labels to check the reader against."""
     store = LabelStore.create(path, layout, teacher={"model": "synthetic CLIP-like generator"},
                               vocabulary=[f"class{i}" for i in range(gen.num_classes)],
-                              grid_spec=f"synthetic:{num_crops}", grid_boxes=np.zeros((num_crops, 4)),
+                              grid_spec=f"synthetic:{layout.num_crops}", grid_boxes=np.zeros((layout.num_crops, 4)),
                               residual="spread", source={"generator": GENERATOR}, overwrite=True)
-    kl_spread, kl_renorm, residuals, top1, entropy = [], [], [], [], []
+    stats: dict[str, list[np.ndarray]] = {"kl_spread": [], "kl_renorm": [], "residual": [], "top1": [], "entropy": []}
     write_seconds, truth = 0.0, {}
     rng = np.random.default_rng(seed)
-    console.print(f"writing {num_shards} shards x {capacity} images, K={num_crops}, k={topk}, "
-                  f"C={gen.num_classes} ...")
-    for shard in range(num_shards):
-        probs = gen.draw(capacity)
-        index, prob = encode_topk(probs, topk)
-        if shard < 4:  # top-k loss on a sample of 4 shards (exact, full distributions)
+    cap = layout.shard_capacity
+    for shard in range(layout.num_shards):
+        probs = gen.draw(cap)
+        index, prob = encode_topk(probs, layout.topk)
+        if shard < 4:
             p = probs.reshape(-1, gen.num_classes)
-            q_spread = decode_topk(index, prob, gen.num_classes, "spread").reshape(p.shape)
-            kl_spread.append(kl_divergence(p, q_spread))
             kept = prob.astype(np.float64).sum(-1).ravel()
-            kl_renorm.append(-np.log(np.clip(kept, 1e-12, 1.0)))  # KL(renormalised top-k || full)
-            residuals.append(1.0 - kept)
-            top1.append(p.max(-1))
-            entropy.append(-(p * np.log(np.maximum(p, 1e-30))).sum(-1))
+            stats["kl_spread"].append(kl_divergence(p, decode_topk(index, prob, gen.num_classes, "spread")
+                                                    .reshape(p.shape)))
+            stats["kl_renorm"].append(-np.log(np.clip(kept, 1e-12, 1.0)))  # KL(renormalised top-k || full)
+            stats["residual"].append(1.0 - kept)
+            stats["top1"].append(p.max(-1))
+            stats["entropy"].append(-(p * np.log(np.maximum(p, 1e-30))).sum(-1))
         result = ShardResult(
-            keys=[f"n{shard:05d}_{i:06d}" for i in range(capacity)],
-            sizes=rng.integers(200, 800, (capacity, 2)), hard_labels=rng.integers(-1, gen.num_classes, capacity),
-            status=np.ones(capacity, np.uint8), reasons=np.zeros(capacity, np.uint8), index=index, prob=prob)
+            keys=[f"n{shard:05d}_{i:06d}" for i in range(cap)], sizes=rng.integers(200, 800, (cap, 2)),
+            hard_labels=rng.integers(-1, gen.num_classes, cap), status=np.ones(cap, np.uint8),
+            reasons=np.zeros(cap, np.uint8), index=index, prob=prob)
         start = time.perf_counter()
         store.write_shard(shard, result)
         write_seconds += time.perf_counter() - start
-        for pos in (0, capacity // 2, capacity - 1):
+        for pos in (0, cap // 2, cap - 1):
             truth[(shard, pos)] = (index[pos].copy(), prob[pos].copy())
-    total_images = num_shards * capacity
-    size = store_bytes(path)
+    means = {k: float(np.concatenate(v).mean()) for k, v in stats.items()}
+    return {"store": store, "write_seconds": write_seconds, "truth": truth, **means}
 
+
+def _read_rates(path: Path, store: LabelStore, truth: dict, num_reads: int, seed: int) -> dict[str, float]:
+    """Check the reader against known rows, then time it: random order without and with the chunk cache,
+    shard-sequential order (what a training loader does), and naive zarr indexing for reference."""
     reader = LabelReader(path)
     for (s, p), (want_i, want_p) in truth.items():  # correctness before speed
         got_i, got_p, valid = reader.labels(s, p)
         if not (valid and np.array_equal(got_i, want_i) and np.array_equal(got_p, want_p)):
             raise AssertionError(f"reader returned wrong labels for row ({s}, {p})")
-    all_rows = [(s, p) for s in range(num_shards) for p in range(capacity)]
+    lay = store.layout
+    all_rows = [(s, p) for s in range(lay.num_shards) for p in range(lay.shard_capacity)]
     random_rows = random.Random(seed).choices(all_rows, k=num_reads)
     cold = LabelReader(path, cache_bytes=0)
     _timed_reads(cold, random_rows[:2000])  # warm-up: shard indexes, file handles, row metadata
-    rate_random_cold = _timed_reads(cold, random_rows)
-    warm = LabelReader(path)
-    rate_random = _timed_reads(warm, random_rows)
-    shard_order = list(range(num_shards))
+    shard_order = list(range(lay.num_shards))
     random.Random(seed + 1).shuffle(shard_order)
-    sequential_rows = [(s, p) for s in shard_order for p in range(capacity)]
-    rate_sequential = _timed_reads(LabelReader(path), sequential_rows)
-    zarr_rows = random_rows[:300]
+    rates = {
+        "random_cold": _timed_reads(cold, random_rows),
+        "random": _timed_reads(LabelReader(path), random_rows),
+        "sequential": _timed_reads(LabelReader(path), [(s, p) for s in shard_order for p in range(lay.shard_capacity)]),
+    }
     arr_i, arr_p = store.group["labels/index"], store.group["labels/prob"]
+    zarr_rows = random_rows[:300]
     start = time.perf_counter()
     for s, p in zarr_rows:
-        arr_i[s * capacity + p], arr_p[s * capacity + p]
-    rate_naive = len(zarr_rows) / (time.perf_counter() - start)
+        arr_i[s * lay.shard_capacity + p], arr_p[s * lay.shard_capacity + p]
+    rates["naive"] = len(zarr_rows) / (time.perf_counter() - start)
+    return rates
 
+
+def _print_table(console: Console, r: dict[str, Any]) -> None:
+    shape = r["shape"]
+    table = Table(title=f"bench store: {shape['shards']} shards x {shape['images_per_shard']} images, "
+                        f"K={shape['crops_K']}, k={shape['topk']}, C={shape['classes']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("goal", justify="right")
+    table.add_row("bytes per image on disk", f"{r['bytes_per_image']:.0f}", "<= 2048")
+    table.add_row("write (images/s)", f"{r['write_images_per_s']:,.0f}", "")
+    table.add_row("read, random order, no chunk cache (img/s)", f"{r['read_random_cold_cache_images_per_s']:,.0f}",
+                  ">= 20,000")
+    table.add_row("read, random order, LRU chunk cache (img/s)", f"{r['read_random_images_per_s']:,.0f}", ">= 20,000")
+    table.add_row("read, shard-sequential (img/s)", f"{r['read_shard_sequential_images_per_s']:,.0f}", "")
+    table.add_row("read, naive zarr indexing (img/s)", f"{r['read_naive_zarr_images_per_s']:,.0f}", "(reference)")
+    table.add_row("KL(full || top-k, spread) mean (nats)", f"{r['kl_spread_mean_nats']:.4f}", "<= 0.01")
+    table.add_row("KL(top-k renormalised || full) mean (nats)", f"{r['kl_renormalise_mean_nats']:.4f}", "<= 0.01")
+    table.add_row("residual mass mean", f"{r['residual_mass_mean']:.4f}", "")
+    table.add_row("teacher top-1 prob / entropy",
+                  f"{r['teacher_top1_prob_mean']:.3f} / {r['teacher_entropy_mean_nats']:.3f}", "")
+    console.print(table)
+    console.print(f"label generator: {GENERATOR}")
+
+
+def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: int = 30, topk: int = 16,
+                        num_reads: int = 50_000, workdir: Path | None = None, seed: int = 0,
+                        console: Console | None = None) -> dict[str, Any]:
+    """Write a store of the given shape with CLIP-like labels, then measure it (see the module docstring)."""
+    console = console or Console()
+    with tempfile.TemporaryDirectory(prefix="lt-distill-bench-store-") as tmp:
+        path = Path(workdir or tmp) / "bench.zarr"
+        gen = ClipLikeLabels(seed, num_crops)
+        layout = StoreLayout(num_shards=num_shards, shard_capacity=capacity, num_crops=num_crops, topk=topk,
+                             num_classes=gen.num_classes)
+        console.print(f"writing {num_shards} shards x {capacity} images, K={num_crops}, k={topk}, "
+                      f"C={gen.num_classes} ...")
+        written = _write_store(path, gen, layout, seed)
+        total_images = num_shards * capacity
+        size = store_bytes(path)
+        rates = _read_rates(path, written["store"], written["truth"], num_reads, seed)
     results = {
         "shape": {"shards": num_shards, "images_per_shard": capacity, "crops_K": num_crops, "topk": topk,
                   "classes": gen.num_classes},
@@ -150,38 +186,18 @@ def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: i
         "bytes_per_image": size / total_images,
         "bytes_per_image_goal": 2048,
         "store_bytes": size,
-        "write_images_per_s": total_images / write_seconds,
-        "read_random_cold_cache_images_per_s": rate_random_cold,
-        "read_random_images_per_s": rate_random,
-        "read_shard_sequential_images_per_s": rate_sequential,
-        "read_naive_zarr_images_per_s": rate_naive,
+        "write_images_per_s": total_images / written["write_seconds"],
+        "read_random_cold_cache_images_per_s": rates["random_cold"],
+        "read_random_images_per_s": rates["random"],
+        "read_shard_sequential_images_per_s": rates["sequential"],
+        "read_naive_zarr_images_per_s": rates["naive"],
         "read_goal_images_per_s": 20_000,
-        "kl_spread_mean_nats": float(np.concatenate(kl_spread).mean()),
-        "kl_renormalise_mean_nats": float(np.concatenate(kl_renorm).mean()),
+        "kl_spread_mean_nats": written["kl_spread"],
+        "kl_renormalise_mean_nats": written["kl_renorm"],
         "kl_goal_nats": 0.01,
-        "residual_mass_mean": float(np.concatenate(residuals).mean()),
-        "teacher_top1_prob_mean": float(np.concatenate(top1).mean()),
-        "teacher_entropy_mean_nats": float(np.concatenate(entropy).mean()),
+        "residual_mass_mean": written["residual"],
+        "teacher_top1_prob_mean": written["top1"],
+        "teacher_entropy_mean_nats": written["entropy"],
     }
-    table = Table(title=f"bench store: {num_shards} shards x {capacity} images, K={num_crops}, k={topk}, "
-                        f"C={gen.num_classes}")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("goal", justify="right")
-    table.add_row("bytes per image on disk", f"{results['bytes_per_image']:.0f}", "<= 2048")
-    table.add_row("write (images/s)", f"{results['write_images_per_s']:,.0f}", "")
-    table.add_row("read, random order, no chunk cache (img/s)", f"{rate_random_cold:,.0f}", ">= 20,000")
-    table.add_row("read, random order, LRU chunk cache (img/s)", f"{rate_random:,.0f}", ">= 20,000")
-    table.add_row("read, shard-sequential (img/s)", f"{rate_sequential:,.0f}", "")
-    table.add_row("read, naive zarr indexing (img/s)", f"{rate_naive:,.0f}", "(reference)")
-    table.add_row("KL(full || top-k, spread) mean (nats)", f"{results['kl_spread_mean_nats']:.4f}", "<= 0.01")
-    table.add_row("KL(top-k renormalised || full) mean (nats)", f"{results['kl_renormalise_mean_nats']:.4f}",
-                  "<= 0.01")
-    table.add_row("residual mass mean", f"{results['residual_mass_mean']:.4f}", "")
-    table.add_row("teacher top-1 prob / entropy", f"{results['teacher_top1_prob_mean']:.3f} / "
-                  f"{results['teacher_entropy_mean_nats']:.3f}", "")
-    console.print(table)
-    console.print(f"label generator: {GENERATOR}")
-    if tmp is not None:
-        tmp.cleanup()
+    _print_table(console, results)
     return results

@@ -311,3 +311,15 @@ def test_cli_info_verify_stats(tmp_path):
     g["labels/index"][0:24] = idx
     proc = _cli("store", "verify", str(path))
     assert proc.returncode == 1 and "row 0: class index out of range" in proc.stdout
+
+
+def test_bench_store_small(tmp_path):
+    from lt_distill.bench.store import run_store_benchmark
+
+    result = run_store_benchmark(num_shards=2, capacity=16, num_crops=5, topk=4, num_reads=200, workdir=tmp_path)
+    assert result["shape"] == {"shards": 2, "images_per_shard": 16, "crops_K": 5, "topk": 4, "classes": 1203}
+    assert 0 < result["bytes_per_image"] < 5 * 4 * 4 + 2048   # labels + per-row metadata and chunk indexes
+    assert min(result[k] for k in result if k.startswith("read_") and k.endswith("_per_s")) > 0
+    # k=4 of a CLIP-like distribution leaves mass behind; KL(renormalised) is -log(1 - residual) >= residual
+    assert result["kl_renormalise_mean_nats"] >= result["residual_mass_mean"] > 0
+    assert 0 < result["teacher_top1_prob_mean"] <= 1
