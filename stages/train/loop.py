@@ -250,21 +250,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
            on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
     out = Path(cfg.output_dir)
     resolved = cfg.resolved()
-    ckpt = None
-    if resume:
-        path = last_checkpoint(out)
-        if path is None:
-            raise LtDistillError(f"--resume: {out} has no checkpoint to resume from")
-        ckpt = load_training_checkpoint(path)
-        sections = ("model", "data", "teacher", "hard_labels") if cfg.data_config().soft_labels == "online" \
-            else ("model", "data")
-        diffs = _compare_resolved(ckpt["config"], resolved, sections)
-        if diffs:
-            raise LtDistillError(f"--resume: the config differs from the checkpoint's ({'; '.join(diffs[:5])}); "
-                                 "start a new run (optionally --finetune-from the checkpoint)")
-    elif last_checkpoint(out) is not None:
-        raise LtDistillError(f"{out} already holds checkpoints: pass --resume to continue that run, "
-                             "or choose another output_dir")
+    ckpt = _checkpoint_to_resume(cfg, resolved, resume)
 
     seed_everything(cfg.seed + info.rank)
     data_cfg, model_cfg = cfg.data_config(), cfg.model_config()
@@ -343,25 +329,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
                 batch = data.online(batch)
                 label_time = time.perf_counter() - t_label
             batch = move_batch(batch, info.device)
-            with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = ddp_model(batch["images"], batch["pixel_mask"], batch["targets"])
-            with torch.autocast(info.device.type, enabled=False):
-                losses = criterion(_float_outputs(outputs), batch["targets"])
-                loss = criterion.weighted_total(losses)
-            names = [*losses, "loss"]  # one device-to-host copy for every term
-            values = dict(zip(names, torch.stack([*losses.values(), loss]).detach().float().tolist()))
-            if not math.isfinite(values["loss"]):
-                raise LtDistillError(f"loss is {values['loss']} at iteration {iteration + 1} "
-                                     f"({batch['source']} batch): {values}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.clip_max_norm > 0:
-                scaler.unscale_(optimizer)
-                values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                           cfg.optim.clip_max_norm))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            values = _train_step(ddp_model, criterion, optimizer, scheduler, scaler, batch, amp_dtype,
+                                 cfg.optim.clip_max_norm, iteration)
             iteration += 1
             session_images += batch_images
             if on_step is not None:
@@ -388,6 +357,54 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         images_per_s=session_images / elapsed if elapsed > 0 else 0.0, losses=last_logged,
         eval_metrics=eval_metrics, skipped=dict(skipped), finetune_report=finetune_report, model=model,
     )
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, resolved: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from (refused if the config changed), else None; a fresh run
+    refuses an output folder that already holds checkpoints."""
+    out = Path(cfg.output_dir)
+    if not resume:
+        if last_checkpoint(out) is not None:
+            raise LtDistillError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                                 "or choose another output_dir")
+        return None
+    path = last_checkpoint(out)
+    if path is None:
+        raise LtDistillError(f"--resume: {out} has no checkpoint to resume from")
+    ckpt = load_training_checkpoint(path)
+    sections = ("model", "data", "teacher", "hard_labels") if cfg.data_config().soft_labels == "online" \
+        else ("model", "data")
+    diffs = _compare_resolved(ckpt["config"], resolved, sections)
+    if diffs:
+        raise LtDistillError(f"--resume: the config differs from the checkpoint's ({'; '.join(diffs[:5])}); "
+                             "start a new run (optionally --finetune-from the checkpoint)")
+    return ckpt
+
+
+def _train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any, scaler: torch.amp.GradScaler, batch: dict[str, Any], amp_dtype: torch.dtype | None,
+                clip_max_norm: float, iteration: int) -> dict[str, float]:
+    """One optimizer step on a device batch; returns every loss term, the total and the gradient norm."""
+    device_type = batch["images"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        outputs = model(batch["images"], batch["pixel_mask"], batch["targets"])
+    with torch.autocast(device_type, enabled=False):
+        losses = criterion(_float_outputs(outputs), batch["targets"])
+        loss = criterion.weighted_total(losses)
+    names = [*losses, "loss"]  # one device-to-host copy for every term
+    values = dict(zip(names, torch.stack([*losses.values(), loss]).detach().float().tolist()))
+    if not math.isfinite(values["loss"]):
+        raise LtDistillError(f"loss is {values['loss']} at iteration {iteration + 1} "
+                             f"({batch['source']} batch): {values}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_max_norm > 0:
+        scaler.unscale_(optimizer)
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm))
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return values
 
 
 def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimizer, batch_images: int,
