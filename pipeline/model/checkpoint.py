@@ -34,7 +34,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LtDistillError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise LtDistillError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise LtDistillError(f"{path} is not an lt-distill checkpoint (needs 'model' and 'config' entries)")

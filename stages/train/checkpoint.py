@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ...errors import LtDistillError
+from ...pipeline.model.checkpoint import load_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_POINTER = "last"
@@ -107,14 +108,9 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise LtDistillError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise LtDistillError(f"cannot read checkpoint {path}: {exc}") from exc
-    missing = [k for k in ("model", "config", "iteration", "optimizer", "scheduler") if k not in state]
+    """A checkpoint that ``--resume`` can continue from (read with ``weights_only=True``)."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("iteration", "optimizer", "scheduler") if k not in state]
     if missing:
         raise LtDistillError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
                              "to start from its weights use --finetune-from")
