@@ -37,6 +37,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     raise ConfigError(f"config file {path} must end in .toml or .json")
 
 
+def read_json_file(path: str | Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """Parse the JSON file ``path``; a missing or malformed file raises ``error`` naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"model.hidden_dim=64"`` -> (["model", "hidden_dim"], 64). Values parse as TOML/JSON literals,
     falling back to the plain string (so ``name=tiny`` needs no quotes)."""

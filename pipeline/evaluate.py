@@ -39,6 +39,7 @@ from lvis import LVIS, LVISEval, LVISResults
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..config import read_json_file
 from ..errors import LtDistillError
 
 MAX_DETS_PER_IMAGE = 300
@@ -105,13 +106,7 @@ class _LVISFromDict(LVIS):
 
 def load_annotations(path: str | Path) -> dict[str, Any]:
     """Read a COCO/LVIS annotation JSON; :class:`EvaluationError` when missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"annotation file {path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, "annotation file", EvaluationError)
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise EvaluationError(f"annotation file {path} lacks {', '.join(missing)} (not COCO/LVIS format)")
@@ -120,13 +115,7 @@ def load_annotations(path: str | Path) -> dict[str, Any]:
 
 def load_detections(path: str | Path) -> list[dict[str, Any]]:
     """Read a detections JSON (a list of result dicts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"detections file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"detections file {path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, "detections file", EvaluationError)
     if not isinstance(data, list):
         raise EvaluationError(f"detections file {path} must hold a JSON list of detections")
     return data

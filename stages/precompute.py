@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ..config import read_json_file
 from ..errors import ConfigError, LtDistillError
 from ..pipeline.grid import GridSpec
 from ..pipeline.shards import ShardChunk, ShardChunks, count_samples, expand_shards
@@ -613,12 +614,7 @@ def _image_path(images_dir: Path, image: dict[str, Any]) -> Path:
 def load_annotations(path: str) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
     """LVIS/COCO annotation JSON -> (annotations sorted by (image_id, id), images by id)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"annotation file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"annotation file {p} is not valid JSON: {exc}") from exc
+    data = read_json_file(p, "annotation file")
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ConfigError(f"annotation file {p} needs 'images' and 'annotations' (LVIS/COCO format)")
     anns = sorted(data["annotations"], key=lambda a: (a["image_id"], a["id"]))
