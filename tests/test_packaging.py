@@ -28,7 +28,7 @@ def test_every_subpackage_is_listed_in_pyproject():
 def test_wheel_installs_only_lt_distill(tmp_path):
     # Build from a copy: setuptools leaves a build/ folder in the source tree.
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".whl", "build", "__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("*.whl")
