@@ -90,8 +90,14 @@ def train_cmd(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in output_dir from its last checkpoint, exactly.")] = False,
     finetune_from: Annotated[Optional[Path], typer.Option(
-        "--finetune-from", help="Initialise from this checkpoint's weights; tensors whose name or shape differ "
-                                "(e.g. another vocabulary) are skipped and listed.")] = None,
+        "--finetune-from", "--init-from", help="Initialise from this checkpoint's weights; tensors whose name or "
+        "shape differ (e.g. another vocabulary) are skipped and listed (BACL stage 2: the stage-1 model).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="Long-tail method: richsem (default), baseline, bacl, ... Shortcut for --set method=...")
+    ] = None,
+    stage: Annotated[Optional[str], typer.Option(
+        "--stage", help="The method's training stage, e.g. bacl: representation | classifier. Shortcut for "
+                        "--set method_options.stage=...")] = None,
     soft_labels: Annotated[Optional[str], typer.Option(
         "--soft-labels", help="cached: read the label store (data.label_store, default); online: the CLIP teacher "
                               "of the teacher section scores every batch's tiles and boxes during training "
@@ -112,6 +118,10 @@ def train_cmd(
         sets.append(f"finetune_from={json.dumps(str(finetune_from))}")
     if soft_labels is not None:
         sets.append(f"data.soft_labels={json.dumps(soft_labels)}")
+    if method is not None:
+        sets.append(f"method={json.dumps(method)}")
+    if stage is not None:
+        sets.append(f"method_options.stage={json.dumps(stage)}")
     base = None
     if config is None:
         run_dir = output_dir or _output_dir_from(sets)
@@ -147,16 +157,47 @@ def _output_dir_from(sets: list[str]) -> Optional[Path]:
 
 @app.command("report")
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Training output directory (holds metrics.jsonl).")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Training output directory (holds metrics.jsonl); "
+                                                        "several: also side by side.")],
     store: Annotated[Optional[Path], typer.Option("--store", help="Also plot this label store's statistics.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs (default RUN_DIR/plots).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder for the PNGs (default RUN_DIR/plots; several runs: the first run's parent/compare).")
+    ] = None,
 ) -> None:
     """PNG plots of a run: loss terms over iterations (per batch source), learning rate / throughput,
-    AP by frequency group (AP, APr, APc, APf), and label-store statistics when given --store."""
-    from ..pipeline.report import write_report
+    AP by frequency group (AP, APr, APc, APf), and label-store statistics when given --store. With several
+    runs: each run's plots in its own folder, plus compare.png (AP/APr/APc/APf bars per run, from each
+    run's eval.json) and compare.json."""
+    from ..pipeline.report import final_metrics, run_label, write_comparison, write_report
 
-    for path in write_report(run_dir, store=store, out_dir=out):
-        console.print(f"wrote {path}")
+    if len(run_dirs) == 1:
+        for path in write_report(run_dirs[0], store=store, out_dir=out):
+            console.print(f"wrote {path}")
+        return
+    for run_dir in run_dirs:
+        for path in write_report(run_dir, store=store):
+            console.print(f"wrote {path}")
+    labels = [run_label(r) for r in run_dirs]
+    if len(set(labels)) != len(labels):
+        labels = [str(r) for r in run_dirs]
+    compare_dir = out or run_dirs[0].resolve().parent / "compare"
+    path = write_comparison(dict(zip(labels, run_dirs)), compare_dir / "compare.png")
+    console.print(f"wrote {path}")
+    keys = ("AP", "APr", "APc", "APf")
+    rows = {label: final_metrics(r) for label, r in zip(labels, run_dirs)}
+    console.print(metrics_table_runs(rows, keys))
+
+
+def metrics_table_runs(rows: dict[str, dict[str, float]], keys: tuple[str, ...]) -> Table:
+    from ..pipeline.evaluate import format_metric
+
+    table = Table(title="box AP (%) per run")
+    table.add_column("run")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for label, metrics in rows.items():
+        table.add_row(label, *(format_metric(metrics[k]) if k in metrics else "-" for k in keys))
+    return table
 
 
 @app.command("demo")
@@ -169,6 +210,11 @@ def demo_cmd(
     small: Annotated[bool, typer.Option("--small", help="The reduced demo of the test suite (about a minute).")
                      ] = False,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = torch's default).")] = 0,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="Long-tail method to train: richsem (default), baseline, bacl, ...")] = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma-separated methods trained side by side on the same data and store "
+                          "(e.g. richsem,baseline,bacl); the report adds compare.png.")] = None,
 ) -> None:
     """The built-in example, end to end on a synthetic long-tailed dataset: make data -> precompute
     (tiny CLIP teacher, random weights) -> train the tiny detector from the cached labels -> evaluate
@@ -182,6 +228,14 @@ def demo_cmd(
         cfg = dataclasses.replace(cfg, max_iters=iterations)
     if threads:
         cfg = dataclasses.replace(cfg, threads=threads)
+    if method is not None and methods is not None:
+        raise LtDistillError("give --method or --methods, not both")
+    chosen = [m.strip() for m in (methods or method or "richsem").split(",") if m.strip()]
+    from ..pipeline.methods import build_method
+
+    for name in chosen:
+        build_method(name)  # an unknown name fails here, before any data is made
+    cfg = dataclasses.replace(cfg, methods=tuple(chosen))
     summary = run_demo(workdir, cfg, log=console.print)
     console.print(demo_table(summary))
 
@@ -196,8 +250,10 @@ def demo_table(summary: dict) -> Table:
     table.add_row("precompute", f"{summary['precompute_images_per_s']:.1f} images/s (tiny teacher, CPU)")
     table.add_row("training", f"{tr['iterations']} iterations, {tr['images_per_s']:.2f} images/s, "
                               f"last loss {tr['last_loss']:.3f}")
-    metrics, chance = ev["metrics"], ev["chance"]
-    table.add_row("box AP (%)", "  ".join(f"{k} {format_metric(metrics[k])}" for k in ("AP", "APr", "APc", "APf")))
+    chance = ev["chance"]
+    for name, result in summary.get("methods", {}).items():
+        m = result["eval"]["metrics"]
+        table.add_row(f"box AP (%) {name}", "  ".join(f"{k} {format_metric(m[k])}" for k in ("AP", "APr", "APc", "APf")))
     table.add_row("chance AP (%)", "  ".join(f"{k} {format_metric(chance[k])}" for k in ("AP", "APr", "APc", "APf"))
                   + "  (random boxes and classes)")
     table.add_row("plots", "\n".join(summary["plots"]))

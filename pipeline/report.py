@@ -9,6 +9,9 @@
   labels, row status, and how often each class is the teacher's top-1 on whole images.
 
 Input: the run's ``metrics.jsonl`` (see ``stages.train.monitor``) and optional ``eval.json``.
+
+Several runs side by side (``lt-distill report RUN_A RUN_B ...``): ``compare.png``, grouped bars of AP,
+APr, APc, APf per run (each run's final ``eval.json``), and ``compare.json`` with the same numbers.
 """
 
 from __future__ import annotations
@@ -199,3 +202,61 @@ def write_report(run_dir: str | Path, store: str | Path | None = None, out_dir: 
     if store is not None:
         written.append(plot_label_store(store, out / "label_store.png"))
     return written
+
+
+def run_label(run_dir: Path) -> str:
+    """``<dir name> (<method>)`` from a run's ``config.json`` (just the name without one)."""
+    config = run_dir / "config.json"
+    method = json.loads(config.read_text()).get("method") if config.is_file() else None
+    return f"{run_dir.name} ({method})" if method and method not in run_dir.name else run_dir.name
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """The AP metrics of a run's final evaluation (``eval.json``)."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        raise LtDistillError(f"{run_dir} has no eval.json (evaluate the run first: eval.every or lt-distill eval)")
+    final = json.loads(path.read_text())
+    return final.get("metrics", final)
+
+
+def plot_comparison(runs: dict[str, dict[str, float]], out: Path) -> Path:
+    """Grouped bars: one group per AP key (AP, APr, APc, APf), one bar per run; ``runs`` label -> metrics
+    in [0, 1] (-1 = no such classes, drawn as 0 and labelled n/a)."""
+    if not runs:
+        raise LtDistillError("no runs to compare")
+    labels = list(runs)
+    groups = [g for g in AP_GROUPS if all(g in m for m in runs.values())]
+    width = 0.8 / len(labels)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) * max(len(labels), 2) / 2), 4.0))
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, label in enumerate(labels):
+        raw = [runs[label][g] for g in groups]
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, [100 * v if v >= 0 else 0.0 for v in raw],
+                      width, label=label)
+        for bar, v in zip(bars, raw):
+            ax.annotate(f"{100 * v:.1f}" if v >= 0 else "n/a", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("AP (%)")
+    ax.set_title("box AP by frequency group, per run")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def write_comparison(runs: dict[str, Path] | list[Path], out: str | Path) -> Path:
+    """``compare.png`` (at ``out``) and ``compare.json`` beside it for several runs; ``runs``: label -> run
+    directory, or directories (labelled by :func:`run_label`)."""
+    if not isinstance(runs, dict):
+        runs = {run_label(Path(r)): Path(r) for r in runs}
+    metrics = {label: final_metrics(Path(run)) for label, run in runs.items()}
+    out = Path(out)
+    path = plot_comparison(metrics, out)
+    table = {label: {g: m[g] for g in AP_GROUPS if g in m} for label, m in metrics.items()}
+    out.with_suffix(".json").write_text(json.dumps(table, indent=2))
+    return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .backbone import build_backbone
@@ -10,9 +12,13 @@ from .criterion import SetCriterion, build_criterion
 from .deformable_transformer import DeformableTransformer
 from .dino import DINO, LanguageClassifier, PostProcess, SemanticHead
 
+if TYPE_CHECKING:
+    from ..methods import Method
 
-def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor) -> DINO:
-    """The detector alone; ``text_embeddings`` ``(C, E)`` (any float dtype) fix the class vocabulary."""
+
+def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor, method: Method | None = None) -> DINO:
+    """The detector alone; ``text_embeddings`` ``(C, E)`` (any float dtype) fix the class vocabulary;
+    ``method`` (default RichSem) adds its extension modules."""
     text_embeddings = torch.as_tensor(text_embeddings).float()
     t = cfg.transformer
     embed_dim = text_embeddings.shape[1]
@@ -45,19 +51,23 @@ def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor) -> DINO:
         dn_number=cfg.denoising.dn_number,
         dn_label_noise_ratio=cfg.denoising.label_noise_ratio,
         dn_box_noise_scale=cfg.denoising.box_noise_scale,
+        extensions=method.extensions(t.hidden_dim, text_embeddings.shape[0]) if method is not None else None,
     )
 
 
 def build_model(
-    cfg: ModelConfig, text_embeddings: torch.Tensor, class_image_counts: torch.Tensor | None = None
+    cfg: ModelConfig, text_embeddings: torch.Tensor, class_image_counts: torch.Tensor | None = None,
+    method: Method | None = None,
 ) -> tuple[DINO, SetCriterion, PostProcess]:
     """Detector, criterion and post-processor (DETR's ``build``).
 
     ``class_image_counts`` ``(C,)``: training images per class, for federated class sampling
-    (uniform sampling when None).
+    (uniform sampling when None). ``method`` (``pipeline.methods``; default RichSem, which adds nothing)
+    contributes extension modules and criterion hooks; its config overrides are already in ``cfg``.
     """
-    model = build_detector(cfg, text_embeddings)
+    model = build_detector(cfg, text_embeddings, method)
     if class_image_counts is not None and len(class_image_counts) != model.num_classes:
         raise ValueError(f"class_image_counts has {len(class_image_counts)} entries for {model.num_classes} classes")
-    criterion = build_criterion(cfg.loss, model.num_classes, cfg.transformer.dec_layers, class_image_counts)
+    hooks = method.criterion_hooks(model.num_classes) if method is not None else None
+    criterion = build_criterion(cfg.loss, model.num_classes, cfg.transformer.dec_layers, class_image_counts, hooks)
     return model, criterion, PostProcess(cfg.num_select)

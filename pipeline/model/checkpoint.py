@@ -50,7 +50,10 @@ def model_config_from_checkpoint(ckpt: dict[str, Any]) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINO:
-    """Rebuild the detector of a checkpoint (text embeddings come from its state_dict), in eval mode."""
+    """Rebuild the detector of a checkpoint (text embeddings come from its state_dict), in eval mode, with
+    the extension modules of the checkpoint's method (``config["method"]``; none: RichSem)."""
+    from ..methods import method_from_config  # methods build on the model package
+
     ckpt = load_checkpoint(path)
     cfg = model_config_from_checkpoint(ckpt)
     # The state_dict holds the backbone weights: don't require the original weights file.
@@ -58,7 +61,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINO:
     state = ckpt["model"]
     if "text_embeddings" not in state:
         raise LtDistillError(f"checkpoint {path} has no text_embeddings in its model state")
-    model = build_detector(cfg, torch.zeros_like(state["text_embeddings"]))
+    model = build_detector(cfg, torch.zeros_like(state["text_embeddings"]), method_from_config(ckpt["config"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LtDistillError(f"checkpoint {path} does not fit its config: missing {missing}, unexpected {unexpected}")

@@ -14,6 +14,10 @@ They are computed for the last decoder layer (``loss_ce``), each earlier decoder
 ...), the encoder proposals (``loss_ce_enc``; no semantic loss) and the denoising queries
 (``loss_ce_dn``, ``loss_ce_dn_0``, ...; positives are matched to their own box, normalised by
 ``num_boxes * num_groups``). :meth:`SetCriterion.weighted_total` applies :attr:`weight_dict`.
+
+A method adds its own terms through ``hooks`` (``pipeline.methods.CriterionHook``): offsets and weights
+inside the focal class loss, and extra named losses from the final layer (their weights join
+``weight_dict``; their buffers are part of ``state_dict()``, saved with training checkpoints).
 """
 
 from __future__ import annotations
@@ -110,8 +114,13 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         fed_num_classes: int | None = 50,
         fed_class_weights: torch.Tensor | None = None,
+        hooks: dict[str, nn.Module] | None = None,
     ):
         super().__init__()
+        self.hooks = nn.ModuleDict(hooks or {})
+        weight_dict = dict(weight_dict)
+        for hook in self.hooks.values():
+            weight_dict.update(hook.weights)
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -123,20 +132,30 @@ class SetCriterion(nn.Module):
 
     # -- single losses ----------------------------------------------------------------------------
     def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
-                    classes: torch.Tensor | None) -> torch.Tensor:
+                    classes: torch.Tensor | None, suffix: str = "") -> torch.Tensor:
         logits = outputs["pred_logits"]
         batch, src = _flat_indices(indices, logits.device)
         labels = _gather_targets(targets, indices, "labels", logits.device)
+        weight = None
+        for hook in self.hooks.values():  # a method's margins / element weights (e.g. BACL's FCBL)
+            offset, w = hook.adjust_class_loss(outputs, batch, src, labels, suffix)
+            if offset is not None:
+                logits = logits + offset
+            if w is not None:
+                weight = w if weight is None else weight * w
         known = labels >= 0
         onehot = torch.zeros_like(logits)
         onehot[batch[known], src[known], labels[known]] = 1
         row_weight = torch.ones(logits.shape[:2], dtype=logits.dtype, device=logits.device)
         row_weight[batch[~known], src[~known]] = 0  # class unknown: no classification loss
+        element_weight = row_weight[..., None] if weight is None else row_weight[..., None] * weight
         if classes is not None:
             classes = classes.to(logits.device)
             logits, onehot = logits[..., classes], onehot[..., classes]
+            if weight is not None:
+                element_weight = element_weight[..., classes]
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
-        return (loss * row_weight[..., None]).sum() / num_boxes
+        return (loss * element_weight).sum() / num_boxes
 
     def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict:
         pred = outputs["pred_boxes"]
@@ -161,7 +180,7 @@ class SetCriterion(nn.Module):
 
     def _losses(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
                 classes: torch.Tensor | None, suffix: str) -> dict[str, torch.Tensor]:
-        losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes, classes)}
+        losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes, classes, suffix)}
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         if "pred_semantic" in outputs:
             losses["loss_semantic"] = self.loss_semantic(outputs, targets, indices, num_boxes)
@@ -177,7 +196,8 @@ class SetCriterion(nn.Module):
             present = torch.cat([t["labels"].cpu() for t in targets]) if targets else torch.zeros(0, dtype=torch.int64)
             classes = federated_classes(present, self.num_classes, self.fed_num_classes, self.fed_class_weights)
 
-        losses = self._losses(outputs, targets, self.matcher(outputs, targets), num_boxes, classes, "")
+        final_indices = self.matcher(outputs, targets)
+        losses = self._losses(outputs, targets, final_indices, num_boxes, classes, "")
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._losses(aux, targets, self.matcher(aux, targets), num_boxes, classes, f"_{i}"))
         if "enc_outputs" in outputs:
@@ -190,6 +210,9 @@ class SetCriterion(nn.Module):
             losses.update(self._losses(dn, targets, indices, dn_boxes, classes, "_dn"))
             for i, aux in enumerate(dn.get("aux_outputs", [])):
                 losses.update(self._losses(aux, targets, indices, dn_boxes, classes, f"_dn_{i}"))
+        final = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs", "dn_outputs")}
+        for hook in self.hooks.values():
+            losses.update(hook.extra_losses(final, targets, final_indices, num_boxes, classes))
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -214,8 +237,10 @@ def build_weight_dict(cfg: LossConfig, dec_layers: int) -> dict[str, float]:
 
 
 def build_criterion(cfg: LossConfig, num_classes: int, dec_layers: int,
-                    class_image_counts: torch.Tensor | None = None) -> SetCriterion:
-    """Matcher + criterion from the loss config; ``class_image_counts`` ``(C,)`` drives federated sampling."""
+                    class_image_counts: torch.Tensor | None = None,
+                    hooks: dict[str, nn.Module] | None = None) -> SetCriterion:
+    """Matcher + criterion from the loss config; ``class_image_counts`` ``(C,)`` drives federated sampling;
+    ``hooks``: a method's extra loss terms (``pipeline.methods``)."""
     matcher = HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou, cfg.focal_alpha, cfg.focal_gamma)
     weights = None
     if class_image_counts is not None:
@@ -228,4 +253,5 @@ def build_criterion(cfg: LossConfig, num_classes: int, dec_layers: int,
         cfg.focal_gamma,
         fed_num_classes=cfg.fed_num_classes if cfg.fed_loss else None,
         fed_class_weights=weights,
+        hooks=hooks,
     )

@@ -17,12 +17,16 @@ Outputs (dict):
 * ``"pred_semantic"`` ``(B, Q, C)`` log-probabilities of the semantic branch (absent after export),
 * ``"aux_outputs"``: the same keys for decoder layers 0..L-2,
 * ``"enc_outputs"``: ``pred_logits``/``pred_boxes`` of the Q selected encoder proposals,
+* the entries of the method's extensions (``extensions``, e.g. ``"pred_bg"``), per decoder layer;
+  ``"pred_scores"`` ``(B, Q, C)`` post-processing probabilities (eval mode, with extensions only) and
+  ``"decode_views"`` (training, when an extension asks for it; see :meth:`DINO.decode_views`),
 * ``"dn_outputs"`` (training with targets only): the same keys plus ``aux_outputs`` for the P
   denoising queries, with ``num_groups`` and ``group_size`` (layout in ``denoising.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import MultiScaleFeatures
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from .deformable_transformer import MLP, DeformableTransformer, EncoderMemory
 from .denoising import make_denoising_queries
 
@@ -81,6 +85,7 @@ class DINO(nn.Module):
         dn_number: int = 100,
         dn_label_noise_ratio: float = 0.5,
         dn_box_noise_scale: float = 1.0,
+        extensions: dict[str, nn.Module] | None = None,
     ):
         super().__init__()
         hidden_dim = transformer.d_model
@@ -94,6 +99,9 @@ class DINO(nn.Module):
         self.enc_class_head = enc_class_head
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
         self.semantic_head = semantic_head
+        # A method's extra modules (pipeline.methods.ModelExtension): extra outputs per decoder layer and
+        # the post-processing score.
+        self.extensions = nn.ModuleDict(extensions or {})
         self.tgt_embed = nn.Embedding(num_queries, hidden_dim)  # learnable content queries
         # Denoising label embeddings are projections of the class text embeddings.
         self.dn_label_proj = nn.Linear(text_embeddings.shape[1], hidden_dim, bias=False)
@@ -119,7 +127,36 @@ class DINO(nn.Module):
         out = {"pred_logits": self.class_head(hidden, self.text_embeddings), "pred_boxes": boxes}
         if self.semantic_head is not None:
             out["pred_semantic"] = self.semantic_head(hidden, self.text_embeddings)
+        for ext in self.extensions.values():
+            out.update(ext(hidden, out))
         return out
+
+    def scores(self, outputs: dict) -> torch.Tensor:
+        """Class probabilities ``(B, Q, C)`` of the final outputs as the method scores detections
+        (sigmoid of the logits, then each extension's ``score``)."""
+        prob = outputs["pred_logits"].float().sigmoid()
+        for ext in self.extensions.values():
+            prob = ext.score(outputs, prob)
+        return prob
+
+    @torch.no_grad()
+    def decode_views(self, mem: EncoderMemory, content: torch.Tensor, ref_unsig: torch.Tensor,
+                     view_content: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
+        """Extra queries through the decoder beside the matching queries, without gradient.
+
+        content ``(B, Q, D)`` / ref_unsig ``(B, Q, 4)``: the matching queries' inputs; view_content
+        ``(B, V, D)`` and view_boxes ``(B, V, 4)`` cxcywh in [0, 1]: the views. Each view sees the matching
+        queries and itself (not the other views), and no matching query sees a view, so the views read the
+        same scene as a matching query would. Returns the views' last-layer hidden states ``(B, V, D)``."""
+        v, q = view_content.shape[1], content.shape[1]
+        mask = torch.ones(v + q, v + q, dtype=torch.bool, device=content.device)
+        mask[:, v:] = False
+        mask[:v, :v] = ~torch.eye(v, dtype=torch.bool, device=content.device)
+        boxes = inverse_sigmoid(view_boxes.clamp(1e-4, 1 - 1e-4))
+        tgt = torch.cat([view_content.to(content.dtype), content], 1)
+        ref = torch.cat([boxes.to(ref_unsig.dtype), ref_unsig], 1)
+        hidden, _ = self.transformer.decoder(tgt, ref, mem, mask)
+        return hidden[-1][:, :v]
 
     def _select_queries(self, mem: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Two-stage "mixed" query selection: positions from the Q best encoder proposals (detached),
@@ -168,6 +205,7 @@ class DINO(nn.Module):
             ref_unsig = torch.cat([dn.boxes_unsig.to(ref_unsig.dtype), ref_unsig], 1)
             attn_mask = dn.attn_mask
 
+        main_content, main_ref = tgt[:, -self.num_queries:], ref_unsig[:, -self.num_queries:]
         hidden, boxes = self.transformer.decoder(tgt, ref_unsig, mem, attn_mask)
         layers = [self._heads(h, b) for h, b in zip(hidden, boxes)]
         num_dn = dn.num_queries if dn is not None else 0
@@ -178,6 +216,10 @@ class DINO(nn.Module):
             out["dn_outputs"] = dict(
                 dn_layers[-1], aux_outputs=dn_layers[:-1], num_groups=dn.num_groups, group_size=dn.group_size
             )
+        if self.training and any(ext.needs_views for ext in self.extensions.values()):
+            out["decode_views"] = functools.partial(self.decode_views, mem, main_content.detach(), main_ref.detach())
+        if not self.training and len(self.extensions):
+            out["pred_scores"] = self.scores(out)
         return out
 
 
@@ -194,7 +236,9 @@ class PostProcess(nn.Module):
         ``"labels"`` int64 ``(K,)`` class indices and ``"boxes"`` ``(K, 4)`` xyxy pixels of the original image."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         b, q, c = logits.shape
-        prob = logits.float().sigmoid().flatten(1)
+        # A method's own scoring (e.g. BACL's background channel) comes with the outputs.
+        prob = outputs["pred_scores"] if "pred_scores" in outputs else logits.float().sigmoid()
+        prob = prob.float().flatten(1)
         scores, index = prob.topk(min(self.num_select, q * c), dim=1)
         query, labels = index // c, index % c
         xyxy = torch.gather(box_cxcywh_to_xyxy(boxes.float()), 1, query[..., None].expand(-1, -1, 4))

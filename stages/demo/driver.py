@@ -10,6 +10,10 @@ Steps, each the real code path of the corresponding command:
    baseline (random boxes and classes, as many per image) is scored the same way;
 5. ``report``: PNG plots of the losses, AP by frequency group and the label store.
 
+``methods`` (default ``["richsem"]``) trains and evaluates each long-tail method on the same data and
+store (steps 3-4 per method, its training stages in turn, into ``run`` for one method and
+``run_<method>`` for several); with several, step 5 also draws them side by side (``compare.png``).
+
 The work directory is recreated on every run (it is only ever deleted when it holds the demo's
 marker file).
 """
@@ -49,6 +53,7 @@ class DemoConfig:
     grid: str = "default"
     threads: int = 0  # torch threads (0 = leave torch's default)
     seed: int = 0
+    methods: tuple[str, ...] = ("richsem",)  # pipeline.methods names, trained one after the other
 
     @classmethod
     def small(cls) -> "DemoConfig":
@@ -100,7 +105,9 @@ def _prepare_workdir(workdir: Path) -> None:
         if not (workdir / MARKER).is_file():
             raise LtDistillError(f"{workdir} is not empty and not a previous demo directory; "
                                  "choose another --workdir")
-        for name in ("data", "store.zarr", "run", "summary.json", MARKER):
+        names = ["data", "store.zarr", "run", "summary.json", "compare", MARKER]
+        names += [p.name for p in workdir.glob("run_*")]
+        for name in names:
             path = workdir / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -127,10 +134,9 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None, log: Callable[[
 
 def _run(workdir: Path, cfg: DemoConfig, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
     from ...pipeline.teacher import TeacherConfig
+    from ...pipeline.methods import build_method
+    from ...pipeline.report import write_comparison
     from ..precompute import PrecomputeConfig, run_precompute
-    from ..train.config import train_config
-    from ..train.evaluation import evaluate_checkpoint
-    from ..train.loop import train
 
     _prepare_workdir(workdir)
     timings: dict[str, float] = {}
@@ -154,26 +160,20 @@ def _run(workdir: Path, cfg: DemoConfig, log: Callable[[str], None], progress: b
     ), log=log)
     timings["precompute_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    log(f"[3/5] train: tiny DINO, {cfg.max_iters} iterations, cached soft labels")
-    run_dir = workdir / "run"
-    tcfg = train_config(None, [f"progress={'true' if progress else 'false'}"],
-                        base=_train_config_dict(cfg, ds, store, run_dir))
-    result = train(tcfg)
-    timings["train_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log("[4/5] eval: lvis-api on the validation split")
-    ev = evaluate_checkpoint(result.final_model, ds.val_annotations, ds.val_images, out=run_dir / "detections.json",
-                             device="cpu", image_size=max(cfg.image_scales), max_size=cfg.max_size)
-    (run_dir / "eval.json").write_text(json.dumps({"iter": result.iterations, "metrics": ev.metrics}, indent=2))
-    gt = load_annotations(ds.val_annotations)
-    per_image = max(len(json.loads(Path(ev.detections).read_text())) // max(len(gt["images"]), 1), 1)
-    chance = evaluate_detections(gt, chance_detections(gt, per_image, cfg.seed))
-    timings["eval_s"] = time.perf_counter() - t0
+    per_method: dict[str, dict[str, Any]] = {}
+    for name in cfg.methods:
+        run_dir = workdir / ("run" if len(cfg.methods) == 1 else f"run_{name}")
+        per_method[name] = _train_and_evaluate(name, build_method(name), cfg, ds, store, run_dir, log, progress,
+                                               timings)
 
     log("[5/5] report: plots")
-    plots = write_report(run_dir, store=store)
+    plots: list[Path] = []
+    for name in cfg.methods:
+        run_dir = Path(per_method[name]["run_dir"])
+        plots += write_report(run_dir, store=store if name == cfg.methods[0] else None)
+    if len(cfg.methods) > 1:
+        plots.append(write_comparison({n: Path(m["run_dir"]) for n, m in per_method.items()},
+                                      workdir / "compare" / "compare.png"))
     timings["total_s"] = time.perf_counter() - t_all
 
     images_labelled = pre["classification"]["images_done"]
@@ -184,11 +184,57 @@ def _run(workdir: Path, cfg: DemoConfig, log: Callable[[str], None], progress: b
         "store": {"path": str(store), "bytes": size, "images": images_labelled,
                   "bytes_per_image": size / max(images_labelled, 1), "objects": pre.get("objects", {}).get("done", 0)},
         "precompute_images_per_s": pre["classification"]["images_per_s"],
-        "train": {"iterations": result.iterations, "images_per_s": result.images_per_s,
-                  "final_model": str(result.final_model), "last_loss": result.losses.get("loss")},
-        "eval": {"metrics": ev.metrics, "detections": str(ev.detections), "chance": chance},
+        "train": per_method[cfg.methods[0]]["train"],
+        "eval": per_method[cfg.methods[0]]["eval"],
+        "methods": per_method,
         "plots": [str(p) for p in plots],
         "timings_s": timings,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _train_and_evaluate(name: str, method: Any, cfg: DemoConfig, ds: SyntheticDataset, store: Path, run_dir: Path,
+                        log: Callable[[str], None], progress: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """Steps 3-4 for one method: its training stages in turn (each from the previous final model; the last
+    one in ``run_dir``), then lvis-api on the validation split beside a chance baseline."""
+    from ..train.config import train_config
+    from ..train.evaluation import evaluate_checkpoint
+    from ..train.loop import train
+
+    stages = method.training_stages()
+    t0 = time.perf_counter()
+    previous = None
+    iterations = 0
+    for i, stage in enumerate(stages):
+        iters = max(int(round(cfg.max_iters * stage.iters_fraction)), 1)
+        stage_dir = run_dir if i == len(stages) - 1 else run_dir.with_name(f"{run_dir.name}_{stage.name}")
+        log(f"[3/5] train ({name}{', ' + stage.name if len(stages) > 1 else ''}): tiny DINO, {iters} iterations")
+        base = _train_config_dict(dataclasses.replace(cfg, max_iters=iters), ds, store, stage_dir)
+        base.update(method=name)
+        base = _merge(base, stage.overrides)
+        if previous is not None:
+            base["finetune_from"] = str(previous)
+        result = train(train_config(None, [f"progress={'true' if progress else 'false'}"], base=base))
+        previous, iterations = result.final_model, iterations + result.iterations
+    timings[f"train_{name}_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[4/5] eval ({name}): lvis-api on the validation split")
+    ev = evaluate_checkpoint(result.final_model, ds.val_annotations, ds.val_images, out=run_dir / "detections.json",
+                             device="cpu", image_size=max(cfg.image_scales), max_size=cfg.max_size)
+    (run_dir / "eval.json").write_text(json.dumps({"iter": result.iterations, "metrics": ev.metrics}, indent=2))
+    gt = load_annotations(ds.val_annotations)
+    per_image = max(len(json.loads(Path(ev.detections).read_text())) // max(len(gt["images"]), 1), 1)
+    chance = evaluate_detections(gt, chance_detections(gt, per_image, cfg.seed))
+    timings[f"eval_{name}_s"] = time.perf_counter() - t0
+    return {"run_dir": str(run_dir),
+            "train": {"iterations": iterations, "images_per_s": result.images_per_s,
+                      "final_model": str(result.final_model), "last_loss": result.losses.get("loss")},
+            "eval": {"metrics": ev.metrics, "detections": str(ev.detections), "chance": chance}}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    from ...config import deep_merge
+
+    return deep_merge(base, overrides)

@@ -6,7 +6,8 @@ eval`` and ``export`` read it) plus the training state::
     {"model", "config" (resolved TrainConfig), "categories" [{"id", "name"}, ...] (class order),
      "iteration" (optimizer steps done), "optimizer", "scheduler", "scaler",
      "data" (loader position: epoch, batch_in_epoch, epoch_length, world_size),
-     "rng" [per-rank RNG states], "lt_distill_version"}
+     "rng" [per-rank RNG states], "criterion" (the method's state: the criterion hooks' buffers),
+     "lt_distill_version"}
 
 The loaders are not pickled: their position follows from the iteration, and resuming replays them
 to it (see ``loop.batches``).

@@ -32,6 +32,15 @@ mode::
     weights = "weights/RN50.openai.bin"
     vocab = "lvis/lvis_v1_train.json"  # must list the detection categories, by name, in id order
 
+``method`` picks the long-tail method (``pipeline.methods``: richsem, the default; baseline; bacl; ...)
+and ``[method_options]`` its own settings; the method's overrides of the model and data sections are
+applied on top of the run's ``[model]`` / ``[data]`` (they define the method), and ``resolved()``
+records the result::
+
+    method = "bacl"
+    [method_options]
+    stage = "classifier"
+
 Everything is validated when the config is built (unknown keys, wrong types, bad values and
 unknown presets are errors that name the key), before any data is read.
 """
@@ -45,6 +54,7 @@ from typing import Any, Literal
 from ...config import apply_overrides, deep_merge, from_dict, load_config_file, to_dict
 from ...errors import ConfigError
 from ...pipeline.data.config import DataConfig, data_config
+from ...pipeline.methods import DEFAULT_METHOD, Method, build_method, method_options_dict
 from ...pipeline.model.config import ModelConfig, model_config
 from ...pipeline.teacher.config import TeacherConfig
 from ...pipeline.vocab import LabelSource
@@ -145,6 +155,8 @@ class TrainConfig:
     progress: bool = True  # rich progress bar (rank 0)
     tensorboard: bool = True
     finetune_from: str = ""  # checkpoint to initialise from; mismatched tensors are skipped by name
+    method: str = DEFAULT_METHOD  # pipeline.methods.METHODS
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's Options
 
     def __post_init__(self) -> None:
         if self.max_iters < 1 or self.checkpoint_every < 1 or self.log_every < 1:
@@ -153,18 +165,22 @@ class TrainConfig:
             raise ValueError("keep_checkpoints and eval.every must be >= 0")
         if self.eval.every and not (self.eval.annotations and self.eval.images):
             raise ValueError("eval.every > 0 needs eval.annotations and eval.images")
-        # Resolve both presets now: a typo in a nested key fails here, naming the section and key.
-        for section, resolve in (("model", self.model_config), ("data", self.data_config)):
+        # Resolve the method and both presets now: a typo in a nested key fails here, naming the section and key.
+        for section, resolve in (("method_options", self.build_method), ("model", self.model_config),
+                                 ("data", self.data_config)):
             try:
                 resolve()
             except ConfigError as exc:
                 raise ConfigError(f"[{section}] section: {exc}") from exc
 
+    def build_method(self) -> Method:
+        return build_method(self.method, self.method_options)
+
     def model_config(self) -> ModelConfig:
-        return model_config(self.model_preset, self.model)
+        return model_config(self.model_preset, deep_merge(self.model, self.build_method().model_overrides()))
 
     def data_config(self) -> DataConfig:
-        return data_config(self.data_preset, self.data)
+        return data_config(self.data_preset, deep_merge(self.data, self.build_method().data_overrides()))
 
     def resolved(self) -> dict[str, Any]:
         """Plain data with the model and data sections fully resolved (what checkpoints record). Used
@@ -172,6 +188,7 @@ class TrainConfig:
         out = to_dict(self)
         out["model"] = to_dict(self.model_config())
         out["data"] = to_dict(self.data_config())
+        out["method_options"] = method_options_dict(self.build_method())
         return out
 
 

@@ -257,12 +257,15 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
     data = build_train_data(data_cfg, cfg, info)  # store / vocabulary checks happen here, before any step
     if data.online is not None and data_cfg.label_store and info.is_main:
         console.print(f"online soft labels: the label store {data_cfg.label_store} is not read")
-    model, criterion, postprocess = build_model(model_cfg, data.text_embeddings, data.class_image_counts)
+    method = cfg.build_method()
+    model, criterion, postprocess = build_model(model_cfg, data.text_embeddings, data.class_image_counts,
+                                                method=method)
     finetune_report = None
     if cfg.finetune_from and ckpt is None:
         finetune_report = load_finetune_weights(model, load_checkpoint(cfg.finetune_from)["model"])
         if info.is_main:
             _print_finetune_report(console, cfg.finetune_from, finetune_report)
+    method.prepare_model(model)  # the training stage: which parameters train (before the optimizer sees them)
     model.to(info.device)
     criterion.to(info.device)
     amp_dtype = resolve_amp(cfg.amp, info.device)
@@ -276,6 +279,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
+        criterion.load_state_dict(ckpt.get("criterion", {}))  # the method's state (e.g. BACL's statistics)
         start = int(ckpt["iteration"])
     ddp_model = DistributedDataParallel(
         model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -342,8 +346,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
             if info.is_main:
                 monitor.advance(iteration, f"loss {values['loss']:.3f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.max_iters:
-                checkpoint_path = _checkpoint(out, cfg, model, optimizer, scheduler, scaler, resolved, categories,
-                                              data.loader, iteration, info)
+                checkpoint_path = _checkpoint(out, cfg, model, criterion, optimizer, scheduler, scaler, resolved,
+                                              categories, data.loader, iteration, info)
             if cfg.eval.every and (iteration % cfg.eval.every == 0 or iteration == cfg.max_iters):
                 eval_metrics = _evaluate(model, postprocess, cfg, data_cfg, categories, out, iteration, amp_dtype,
                                          info, monitor)
@@ -374,7 +378,9 @@ def _checkpoint_to_resume(cfg: TrainConfig, resolved: dict[str, Any], resume: bo
     ckpt = load_training_checkpoint(path)
     sections = ("model", "data", "teacher", "hard_labels") if cfg.data_config().soft_labels == "online" \
         else ("model", "data")
-    diffs = _compare_resolved(ckpt["config"], resolved, sections)
+    diffs = _compare_resolved(ckpt["config"], resolved, sections + ("method_options",))
+    if ckpt["config"].get("method", "richsem") != resolved["method"]:
+        diffs.insert(0, f"method: checkpoint {ckpt['config'].get('method', 'richsem')!r}, config {resolved['method']!r}")
     if diffs:
         raise LtDistillError(f"--resume: the config differs from the checkpoint's ({'; '.join(diffs[:5])}); "
                              "start a new run (optionally --finetune-from the checkpoint)")
@@ -428,7 +434,7 @@ def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimize
     return logged
 
 
-def _checkpoint(out: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler, resolved, categories,
+def _checkpoint(out: Path, cfg: TrainConfig, model, criterion, optimizer, scheduler, scaler, resolved, categories,
                 loader: AlternatingLoader, iteration: int, info: DistInfo) -> Path | None:
     rng = gather_objects(rng_state(), info)  # every rank's RNG, in rank order (small)
     if not info.is_main:
@@ -436,6 +442,7 @@ def _checkpoint(out: Path, cfg: TrainConfig, model, optimizer, scheduler, scaler
     state = {"model": model.state_dict(), "config": resolved, "categories": categories, "iteration": iteration,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng,
+             "criterion": criterion.state_dict(),  # the method's state; the same on every rank
              "data": {"epoch_length": len(loader), "epoch": iteration // len(loader),
                       "batch_in_epoch": iteration % len(loader), "world_size": info.world_size},
              "lt_distill_version": _version()}
