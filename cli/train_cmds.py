@@ -44,7 +44,8 @@ def eval_cmd(
                    ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK if available).")
                       ] = "auto",
-    amp: Annotated[str, typer.Option(help="auto | off | bf16 | fp16 (auto: bf16 on GPU, off on CPU).")] = "auto",
+    amp: Annotated[str, typer.Option(help="Autocast of backbone/encoder/decoder: off | auto | bf16 | fp16 (auto: "
+                                          "bf16 on GPU, off on CPU); heads stay fp32.")] = "off",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, per process.")] = 2,
     image_size: Annotated[Optional[int], typer.Option(
         help="Test short side in pixels (default: the largest training scale of the checkpoint).")] = None,

@@ -21,7 +21,8 @@ NAMED_GRIDS: dict[str, str] = {
     "whole": "1.0:1",                          # K = 1: image-level labels only
 }
 
-MATCH_MODES = ("exact", "nearest", "interp")
+MATCH_MODES = ("exact", "nearest", "interp", "interp_topn")
+EXACT_IOU = 1.0 - 1e-6  # a region at least this close to a grid box *is* that box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,12 @@ def match_crops(
 
     * ``exact``: the region must be a grid box (to 1e-6); weight 1 on it. Other regions are invalid.
     * ``nearest``: weight 1 on the grid box of highest IoU; invalid below ``iou_threshold``.
-    * ``interp``: IoU-weighted mixture of the ``top_n`` boxes of highest IoU; invalid when the best IoU
-      is below ``iou_threshold``.
+    * ``interp``: mixture of the grid boxes with IoU >= ``iou_threshold``, weight proportional to IoU
+      (p = 1 in IoU^p), at most the ``top_n`` best of them, all boxes tied with the n-th best included so
+      that mirror-image regions get mirror-image weights; a region equal to a grid box gets weight 1 on
+      it. Invalid when the best IoU is below ``iou_threshold``.
+    * ``interp_topn`` (pre-issue-10 ``interp``): IoU-weighted mixture of the ``top_n`` boxes of highest
+      IoU whatever their IoU, ties broken by grid order; an exact match gets only part of its own label.
 
     Horizontal flips need no special case: a named grid is mirror-symmetric, and the region is given in
     original-image coordinates, so a flipped crop matches the box it was cut from.
@@ -117,15 +122,23 @@ def match_crops(
     best = iou.argmax(axis=1)
     best_iou = iou[np.arange(n), best]
     if mode == "exact":
-        valid = best_iou >= 1.0 - 1e-6
+        valid = best_iou >= EXACT_IOU
         weights[np.arange(n), best] = 1.0
     elif mode == "nearest":
         valid = best_iou >= iou_threshold
         weights[np.arange(n), best] = 1.0
-    else:
+    elif mode == "interp_topn":
         top = np.argsort(-iou, axis=1, kind="stable")[:, : max(1, min(top_n, k))]
         top_iou = np.take_along_axis(iou, top, axis=1)
         np.put_along_axis(weights, top, top_iou, axis=1)
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        valid = best_iou >= iou_threshold
+    else:
+        nth_best = -np.sort(-iou, axis=1)[:, max(1, min(top_n, k)) - 1 : max(1, min(top_n, k))]
+        keep = (iou >= iou_threshold) & (iou >= nth_best - 1e-12)  # ties with the n-th best stay in
+        weights = np.where(keep, iou, 0.0)
+        exact = iou >= EXACT_IOU
+        weights = np.where(exact.any(axis=1, keepdims=True), exact.astype(np.float64), weights)
         weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
         valid = best_iou >= iou_threshold
     weights[~valid] = 0.0

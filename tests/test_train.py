@@ -95,14 +95,21 @@ def test_example_configs_validate(path):
 
 def test_param_groups_and_step_schedule():
     model, _, _ = build_model(model_config("tiny"), torch.randn(5, 16))
-    cfg = OptimConfig(lr=1e-4, lr_backbone=1e-5, lr_linear_proj_mult=0.1, lr_drop=[10], warmup_iters=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = sum(p.requires_grad for p in model.parameters())
+    # Default = DINO / RichSem (param_dict_type='default'): exactly two learning rates.
+    dino = build_optimizer(model, OptimConfig(lr=1e-4, lr_backbone=1e-5)).param_groups
+    assert [(g["name"], g["lr"]) for g in dino] == [("default", 1e-4), ("backbone", 1e-5)]
+    assert any("sampling_offsets" in names[id(p)] for p in dino[0]["params"])
+    assert sum(len(g["params"]) for g in dino) == trainable
+    # Deformable DETR's recipe, a named option: offsets and reference points at 0.1 x lr.
+    cfg = OptimConfig(lr=1e-4, lr_backbone=1e-5, param_groups="deformable_detr", lr_linear_proj_mult=0.1,
+                      lr_drop=[10], warmup_iters=0)
     groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
     assert groups["default"]["lr"] == 1e-4 and groups["backbone"]["lr"] == 1e-5
     assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
-    names = {id(p): n for n, p in model.named_parameters()}
     assert all("sampling_offsets" in names[id(p)] for p in groups["linear_proj"]["params"])
     assert all(names[id(p)].startswith("features.backbone.") for p in groups["backbone"]["params"])
-    trainable = sum(p.requires_grad for p in model.parameters())
     assert sum(len(g["params"]) for g in groups.values()) == trainable
     assert [lr_factor(i, cfg) for i in (0, 9, 10, 50)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]
     warm = OptimConfig(warmup_iters=10, warmup_factor=0.1)

@@ -126,7 +126,8 @@ class ClassificationDataset(IterableDataset):
     ``rows``: store rows for hard labels and addressing; without a store, ``hard_labeler(fields)`` (a
     :class:`..vocab.HardLabeler`) maps the sample's source label. ``repeat``: loop over the shards
     forever (a new shard order each pass). ``rank``/``world_size``: this process's place (default:
-    torch.distributed, else torchrun's environment)."""
+    torch.distributed, else torchrun's environment). ``skip_unlabelled``: samples with hard label -1
+    never reach a mosaic (counted as skipped ``unlabelled``, or ``not_in_store``)."""
 
     def __init__(self, urls: Sequence[str], *, num_classes: int, tile_transforms: Callable,
                  mosaic: RandomMosaic | None, mosaic_prob: float = 1.0, single_transforms: Callable | None = None,
@@ -134,8 +135,9 @@ class ClassificationDataset(IterableDataset):
                  hard_labeler: HardLabelFn | None = None,
                  pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225),
                  shuffle_buffer: int = 1000, seed: int = 0, repeat: bool = True,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, skip_unlabelled: bool = False) -> None:
         super().__init__()
+        self.skip_unlabelled = skip_unlabelled
         self.urls = list(urls)
         self.num_classes = num_classes
         self.tile_transforms = tile_transforms
@@ -255,6 +257,9 @@ class ClassificationDataset(IterableDataset):
                     skipped[sample["skipped"]] += 1
                     continue
                 skipped["not_in_store"] += int(sample["not_in_store"])
+                if self.skip_unlabelled and sample["label"] < 0:
+                    skipped["unlabelled"] += int(not sample["not_in_store"])
+                    continue
                 group.append(self.tile(sample))
                 if len(group) == wanted:
                     yield emit(group)

@@ -102,6 +102,12 @@ class DataConfig:
     label_store: str = ""
     soft_labels: Literal["cached", "online"] = "cached"
     grid: str = "default"  # crop grid the store must have been filled with (exact crops are cut from it)
+    # Classification images whose hard label is -1 (their class has no vocabulary class, pseudo label
+    # below threshold, or not in the store): "skip" drops them before the mosaic, counted as skipped
+    # "unlabelled" (RichSem trains on ImageNet-LVIS, the mapped images only); "keep" trains on them with
+    # box and soft-label losses only (pre-issue-10). Online pseudo labels (hard_labels.source = "none")
+    # are made after the mosaic, so there every image is kept.
+    cls_unlabelled: Literal["skip", "keep"] = "skip"
     batch_size: int = 2  # images per batch, per process; detection and classification alike
     num_workers: int = 2  # DataLoader workers per process, per source
     rfs_threshold: float = 0.001  # repeat-factor sampling (LVIS); 0 disables it

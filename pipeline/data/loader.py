@@ -80,7 +80,14 @@ def build_classification_dataset(cfg: DataConfig, reader: LabelReader | None = N
         single_transforms=T.RandomResize(aug.scales, max_size=aug.max_size), labels=labels,
         rows=StoreRows(reader) if reader is not None else None, hard_labeler=hard_labeler,
         pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed, repeat=repeat, rank=rank, world_size=num_replicas)
+        seed=cfg.seed, repeat=repeat, rank=rank, world_size=num_replicas,
+        skip_unlabelled=cfg.cls_unlabelled == "skip" and not _pseudo_labels_later(hard_labeler))
+
+
+def _pseudo_labels_later(hard_labeler: Any) -> bool:
+    """Online pseudo labels: every sample decodes with label -1 and gets its label after the mosaic."""
+    source = getattr(hard_labeler, "source", None)
+    return source is not None and source.kind == "none"
 
 
 def build_detection_loader(cfg: DataConfig, dataset: DetectionDataset, num_replicas: int | None = None,

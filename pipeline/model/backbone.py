@@ -93,20 +93,24 @@ class ResNetBackbone(nn.Module):
 
 
 class PositionEmbeddingSine(nn.Module):
-    """Sine/cosine encoding of normalised (y, x) pixel positions -> ``(B, 2 * num_pos_feats, H, W)``."""
+    """Sine/cosine encoding of normalised (y, x) pixel positions -> ``(B, 2 * num_pos_feats, H, W)``.
 
-    def __init__(self, num_pos_feats: int, temperature: float = 10000.0):
+    Position of the i-th valid row (column) = ``(i - offset) / n * 2 pi`` for i = 1..n; offset 0 is
+    DINO's ``PositionEmbeddingSineHW`` (models/dino/position_encoding.py), 0.5 the pixel centres."""
+
+    def __init__(self, num_pos_feats: int, temperature: float = 10000.0, offset: float = 0.0):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
+        self.offset = offset
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         not_mask = (~mask).float()
         y = not_mask.cumsum(1)
         x = not_mask.cumsum(2)
-        # Pixel centres, normalised by the valid (unpadded) extent, times 2*pi.
-        y = (y - 0.5) / (y[:, -1:, :] + 1e-6) * 2 * math.pi
-        x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+        # Normalised by the valid (unpadded) extent, times 2*pi.
+        y = (y - self.offset) / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+        x = (x - self.offset) / (x[:, :, -1:] + 1e-6) * 2 * math.pi
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x[..., None] / dim_t
@@ -123,7 +127,8 @@ class MultiScaleFeatures(nn.Module):
     convolution of the previous one (the first of them reads the last backbone map), as in DINO.
     """
 
-    def __init__(self, backbone: ResNetBackbone, hidden_dim: int, num_levels: int, pe_temperature: float):
+    def __init__(self, backbone: ResNetBackbone, hidden_dim: int, num_levels: int, pe_temperature: float,
+                 pe_offset: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.num_levels = num_levels
@@ -141,7 +146,7 @@ class MultiScaleFeatures(nn.Module):
             )
             in_channels = hidden_dim
         self.input_proj = nn.ModuleList(projections)
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, pe_temperature)
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, pe_temperature, pe_offset)
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
@@ -162,6 +167,7 @@ class MultiScaleFeatures(nn.Module):
         return srcs, masks, pos
 
 
-def build_backbone(cfg: BackboneConfig, hidden_dim: int, num_levels: int, pe_temperature: float) -> MultiScaleFeatures:
+def build_backbone(cfg: BackboneConfig, hidden_dim: int, num_levels: int, pe_temperature: float,
+                   pe_offset: float = 0.0) -> MultiScaleFeatures:
     body = ResNetBackbone(cfg.name, cfg.weights, cfg.train_backbone)
-    return MultiScaleFeatures(body, hidden_dim, num_levels, pe_temperature)
+    return MultiScaleFeatures(body, hidden_dim, num_levels, pe_temperature, pe_offset)

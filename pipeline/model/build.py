@@ -22,7 +22,7 @@ def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor, method: Meth
     text_embeddings = torch.as_tensor(text_embeddings).float()
     t = cfg.transformer
     embed_dim = text_embeddings.shape[1]
-    features = build_backbone(cfg.backbone, t.hidden_dim, t.num_feature_levels, t.pe_temperature)
+    features = build_backbone(cfg.backbone, t.hidden_dim, t.num_feature_levels, t.pe_temperature, t.pe_offset)
     transformer = DeformableTransformer(
         d_model=t.hidden_dim,
         nhead=t.nheads,
@@ -33,13 +33,22 @@ def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor, method: Meth
         num_feature_levels=t.num_feature_levels,
         enc_n_points=t.enc_n_points,
         dec_n_points=t.dec_n_points,
+        box_refine=t.box_refine,
+        inverse_sigmoid_eps=t.inverse_sigmoid_eps,
     )
     h = cfg.head
+    richsem = h.classifier == "richsem"
+    # RichSem (models/richsem/richsem.py, CLIPAlign): projections bias-free, N(0, E^-0.5).
+    init_std = embed_dim**-0.5 if richsem else None
 
     def classifier() -> LanguageClassifier:
+        if richsem:  # CLIP's logit scale, frozen (RichSem: logit_scale.requires_grad = False), no bias
+            return LanguageClassifier(t.hidden_dim, embed_dim, 100.0, False, None, False, init_std)
         return LanguageClassifier(t.hidden_dim, embed_dim, h.cls_logit_scale, h.learn_logit_scale, h.cls_prior_prob)
 
-    semantic = SemanticHead(t.hidden_dim, embed_dim, h.semantic_logit_scale) if h.semantic_branch else None
+    semantic = None
+    if h.semantic_branch:
+        semantic = SemanticHead(t.hidden_dim, embed_dim, h.semantic_logit_scale, bias=not richsem, init_std=init_std)
     return DINO(
         features,
         transformer,
@@ -52,6 +61,8 @@ def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor, method: Meth
         dn_label_noise_ratio=cfg.denoising.label_noise_ratio,
         dn_box_noise_scale=cfg.denoising.box_noise_scale,
         extensions=method.extensions(t.hidden_dim, text_embeddings.shape[0]) if method is not None else None,
+        dn_label_init=cfg.denoising.label_init,
+        semantic_aux_layers=cfg.semantic.aux_layers,
     )
 
 
@@ -69,5 +80,6 @@ def build_model(
     if class_image_counts is not None and len(class_image_counts) != model.num_classes:
         raise ValueError(f"class_image_counts has {len(class_image_counts)} entries for {model.num_classes} classes")
     hooks = method.criterion_hooks(model.num_classes) if method is not None else None
-    criterion = build_criterion(cfg.loss, model.num_classes, cfg.transformer.dec_layers, class_image_counts, hooks)
+    criterion = build_criterion(cfg.loss, model.num_classes, cfg.transformer.dec_layers, class_image_counts, hooks,
+                                semantic_aux_layers=cfg.semantic.aux_layers)
     return model, criterion, PostProcess(cfg.num_select)

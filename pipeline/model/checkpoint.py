@@ -17,7 +17,7 @@ import torch
 from ...config import from_dict, to_dict
 from ...errors import LtDistillError
 from .build import build_detector
-from .config import ModelConfig
+from .config import ModelConfig, with_legacy_values
 from .dino import DINO
 
 SEMANTIC_PREFIX = "semantic_head."
@@ -46,7 +46,9 @@ def _model_section(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_config_from_checkpoint(ckpt: dict[str, Any]) -> ModelConfig:
-    return from_dict(ModelConfig, _model_section(ckpt["config"]), "model")
+    """The checkpoint's model config; keys it predates take their old values (``LEGACY_VALUES``), so an
+    older checkpoint is rebuilt as it was trained."""
+    return from_dict(ModelConfig, with_legacy_values(_model_section(ckpt["config"])), "model")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINO:

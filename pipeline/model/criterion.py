@@ -4,8 +4,9 @@ Losses, each normalised by the number of ground-truth boxes in the batch (averag
 
 * ``loss_ce``: sigmoid focal loss (alpha 0.25, gamma 2) on the language-classifier logits. With the
   federated loss it only covers the batch's classes plus classes sampled with weights
-  ``image_count ** 0.5`` (50 in total); a matched box with label -1 (class unknown) contributes no
-  classification loss at all, unmatched queries are negatives.
+  ``image_count ** 0.5`` (50 in total), drawn anew for every classification loss of the step
+  (``fed_sample="per_call"``, Detic / RichSem) or once per step (``"per_step"``); a matched box with
+  label -1 (class unknown) contributes no classification loss at all, unmatched queries are negatives.
 * ``loss_bbox`` (L1) and ``loss_giou`` on the matched pairs, whatever the label.
 * ``loss_semantic``: KL(soft label || semantic prediction) summed over classes, over matched queries
   whose target has a soft label (``soft_mask``).
@@ -13,7 +14,10 @@ Losses, each normalised by the number of ground-truth boxes in the batch (averag
 They are computed for the last decoder layer (``loss_ce``), each earlier decoder layer (``loss_ce_0``,
 ...), the encoder proposals (``loss_ce_enc``; no semantic loss) and the denoising queries
 (``loss_ce_dn``, ``loss_ce_dn_0``, ...; positives are matched to their own box, normalised by
-``num_boxes * num_groups``). :meth:`SetCriterion.weighted_total` applies :attr:`weight_dict`.
+``num_boxes * num_groups``). ``loss_semantic`` exists wherever the outputs carry ``pred_semantic``:
+by default the last decoder layer and the last denoising layer only (``loss_semantic``,
+``loss_semantic_dn``; RichSem ``distill_aux_layers=False``). :meth:`SetCriterion.weighted_total`
+applies :attr:`weight_dict`.
 
 A method adds its own terms through ``hooks`` (``pipeline.methods.CriterionHook``): offsets and weights
 inside the focal class loss, and extra named losses from the final layer (their weights join
@@ -102,6 +106,35 @@ def dn_indices(targets: list[dict], num_groups: int, group_size: int) -> Indices
     return indices
 
 
+class _FederatedClasses:
+    """The class subset of each classification loss of one step (None without the federated loss).
+
+    Per call, every subset is drawn from a generator seeded by one draw from the global RNG at the
+    start of the step: the step consumes the same amount of global randomness however many losses
+    it has, and a resumed run (global RNG restored) draws the same subsets."""
+
+    def __init__(self, criterion: "SetCriterion", targets: list[dict]) -> None:
+        self.num_sample = criterion.fed_num_classes
+        self.num_classes, self.weights = criterion.num_classes, criterion.fed_class_weights
+        self.generator, self.shared = None, None
+        if self.num_sample is None:
+            return
+        self.present = torch.cat([t["labels"].cpu() for t in targets]) if targets else torch.zeros(0, dtype=torch.int64)
+        if criterion.fed_per_call:
+            seed = int(torch.randint(0, 2**62, (1,)))
+            self.generator = torch.Generator().manual_seed(seed)
+        else:
+            self.shared = self._draw()
+
+    def _draw(self) -> torch.Tensor:
+        return federated_classes(self.present, self.num_classes, self.num_sample, self.weights, self.generator)
+
+    def __call__(self) -> torch.Tensor | None:
+        if self.num_sample is None:
+            return None
+        return self.shared if self.shared is not None else self._draw()
+
+
 class SetCriterion(nn.Module):
     """Computes the loss dict of :class:`DINO` outputs against targets (see module docstring)."""
 
@@ -115,6 +148,7 @@ class SetCriterion(nn.Module):
         fed_num_classes: int | None = 50,
         fed_class_weights: torch.Tensor | None = None,
         hooks: dict[str, nn.Module] | None = None,
+        fed_per_call: bool = True,
     ):
         super().__init__()
         self.hooks = nn.ModuleDict(hooks or {})
@@ -126,6 +160,7 @@ class SetCriterion(nn.Module):
         self.weight_dict = weight_dict
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.fed_num_classes = fed_num_classes
+        self.fed_per_call = fed_per_call
         if fed_class_weights is not None and fed_class_weights.shape != (num_classes,):
             raise ValueError(f"fed_class_weights has shape {tuple(fed_class_weights.shape)}, expected ({num_classes},)")
         self.register_buffer("fed_class_weights", fed_class_weights, persistent=False)
@@ -179,8 +214,8 @@ class SetCriterion(nn.Module):
         return (kl * valid).sum() / num_boxes
 
     def _losses(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
-                classes: torch.Tensor | None, suffix: str) -> dict[str, torch.Tensor]:
-        losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes, classes, suffix)}
+                classes: "_FederatedClasses", suffix: str) -> dict[str, torch.Tensor]:
+        losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes, classes(), suffix)}
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         if "pred_semantic" in outputs:
             losses["loss_semantic"] = self.loss_semantic(outputs, targets, indices, num_boxes)
@@ -191,10 +226,7 @@ class SetCriterion(nn.Module):
         """outputs of :class:`DINO`; targets as documented in ``dino.py``. Returns named, unweighted losses."""
         device = outputs["pred_logits"].device
         num_boxes = _num_boxes(targets, device)
-        classes = None
-        if self.fed_num_classes is not None:
-            present = torch.cat([t["labels"].cpu() for t in targets]) if targets else torch.zeros(0, dtype=torch.int64)
-            classes = federated_classes(present, self.num_classes, self.fed_num_classes, self.fed_class_weights)
+        classes = _FederatedClasses(self, targets)
 
         final_indices = self.matcher(outputs, targets)
         losses = self._losses(outputs, targets, final_indices, num_boxes, classes, "")
@@ -223,24 +255,24 @@ class SetCriterion(nn.Module):
         return sum(self.weight_dict[k] * v for k, v in losses.items())
 
 
-def build_weight_dict(cfg: LossConfig, dec_layers: int) -> dict[str, float]:
-    """Weights of every loss name the criterion can produce (DESIGN §5: cls 1 / L1 5 / GIoU 2, semantic 0.5)."""
-    base = {
-        "loss_ce": cfg.cls_weight,
-        "loss_bbox": cfg.bbox_weight,
-        "loss_giou": cfg.giou_weight,
-        "loss_semantic": cfg.semantic_weight,
-    }
-    suffixes = [""] + [f"_{i}" for i in range(dec_layers - 1)] + ["_enc", "_dn"]
-    suffixes += [f"_dn_{i}" for i in range(dec_layers - 1)]
-    return {k + s: w for s in suffixes for k, w in base.items()}
+def build_weight_dict(cfg: LossConfig, dec_layers: int, semantic_aux_layers: bool = False) -> dict[str, float]:
+    """Weights of every loss name the criterion can produce (DESIGN §5: cls 1 / L1 5 / GIoU 2, semantic 0.5).
+    The semantic loss only where the model emits it: last decoder and last denoising layer, or every
+    decoder and denoising layer with ``semantic_aux_layers``."""
+    base = {"loss_ce": cfg.cls_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
+    aux = [f"_{i}" for i in range(dec_layers - 1)] + [f"_dn_{i}" for i in range(dec_layers - 1)]
+    weights = {k + s: w for s in ["", "_enc", "_dn", *aux] for k, w in base.items()}
+    for s in ["", "_dn", *(aux if semantic_aux_layers else [])]:
+        weights["loss_semantic" + s] = cfg.semantic_weight
+    return weights
 
 
 def build_criterion(cfg: LossConfig, num_classes: int, dec_layers: int,
                     class_image_counts: torch.Tensor | None = None,
-                    hooks: dict[str, nn.Module] | None = None) -> SetCriterion:
+                    hooks: dict[str, nn.Module] | None = None, semantic_aux_layers: bool = False) -> SetCriterion:
     """Matcher + criterion from the loss config; ``class_image_counts`` ``(C,)`` drives federated sampling;
-    ``hooks``: a method's extra loss terms (``pipeline.methods``)."""
+    ``hooks``: a method's extra loss terms (``pipeline.methods``); ``semantic_aux_layers``: whether the
+    model emits the semantic branch on every layer (weights for each)."""
     matcher = HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou, cfg.focal_alpha, cfg.focal_gamma)
     weights = None
     if class_image_counts is not None:
@@ -248,10 +280,11 @@ def build_criterion(cfg: LossConfig, num_classes: int, dec_layers: int,
     return SetCriterion(
         num_classes,
         matcher,
-        build_weight_dict(cfg, dec_layers),
+        build_weight_dict(cfg, dec_layers, semantic_aux_layers),
         cfg.focal_alpha,
         cfg.focal_gamma,
         fed_num_classes=cfg.fed_num_classes if cfg.fed_loss else None,
         fed_class_weights=weights,
         hooks=hooks,
+        fed_per_call=cfg.fed_sample == "per_call",
     )

@@ -103,15 +103,26 @@ class DeformableDecoder(nn.Module):
     Look-forward-twice (DINO): layer i refines from the *detached* box of layer i-1, but its
     prediction is re-applied to the *undetached* box of layer i-1, so layer i's loss also trains
     the box head output of layer i-1.
+
+    ``box_refine="dino"`` follows DINO exactly (models/dino/deformable_transformer.py, decoder
+    ``iter update``, and dino.py's output boxes): the next reference comes from the box head of the
+    layer's *un-normalised* output, the layer's predicted box from the box head of the normalised
+    output (the hidden state the class heads see). ``"normalised"`` uses the normalised output for
+    both (pre-issue-10).
     """
 
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, d_model: int, bbox_head: MLP):
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, d_model: int, bbox_head: MLP,
+                 box_refine: str = "dino", eps: float = 1e-3):
         super().__init__()
+        if box_refine not in ("dino", "normalised"):
+            raise ValueError(f"box_refine must be 'dino' or 'normalised', got {box_refine!r}")
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_head = bbox_head
         self.d_model = d_model
+        self.box_refine = box_refine
+        self.eps = eps
 
     def forward(self, tgt: torch.Tensor, ref_unsig: torch.Tensor, mem: EncoderMemory, self_attn_mask=None):
         """tgt ``(B, Q, D)`` content queries, ref_unsig ``(B, Q, 4)`` initial boxes before sigmoid (no grad).
@@ -129,8 +140,9 @@ class DeformableDecoder(nn.Module):
             out = layer(out, query_pos, ref_input, mem, self_attn_mask)
             h = self.norm(out)
             delta = self.bbox_head(h)
-            boxes.append((delta + inverse_sigmoid(ref_undetached)).sigmoid())
-            ref_undetached = (delta + inverse_sigmoid(ref)).sigmoid()
+            boxes.append((delta + inverse_sigmoid(ref_undetached, self.eps)).sigmoid())
+            delta_ref = self.bbox_head(out) if self.box_refine == "dino" else delta
+            ref_undetached = (delta_ref + inverse_sigmoid(ref, self.eps)).sigmoid()
             ref = ref_undetached.detach()
             hidden.append(h)
         return hidden, boxes
@@ -152,6 +164,8 @@ class DeformableTransformer(nn.Module):
         enc_n_points: int = 4,
         dec_n_points: int = 4,
         decoder_bbox_head: MLP | None = None,
+        box_refine: str = "dino",
+        inverse_sigmoid_eps: float = 1e-3,
     ):
         super().__init__()
         self.d_model = d_model
@@ -159,7 +173,9 @@ class DeformableTransformer(nn.Module):
         self.encoder_layers = nn.ModuleList(copy.deepcopy(enc_layer) for _ in range(num_encoder_layers))
         dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points)
         bbox_head = decoder_bbox_head if decoder_bbox_head is not None else MLP(d_model, d_model, 4, 3)
-        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, d_model, bbox_head)
+        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, d_model, bbox_head, box_refine,
+                                         inverse_sigmoid_eps)
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
@@ -240,6 +256,6 @@ class DeformableTransformer(nn.Module):
             start += h * w
         boxes = torch.cat(boxes, 1)
         valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1) & ~mem.padding_mask
-        boxes_unsig = inverse_sigmoid(boxes).masked_fill(~valid[..., None], 0.0)
+        boxes_unsig = inverse_sigmoid(boxes, self.inverse_sigmoid_eps).masked_fill(~valid[..., None], 0.0)
         memory = mem.memory.masked_fill(~valid[..., None], 0.0)
         return self.enc_output_norm(self.enc_output(memory)), boxes_unsig, valid

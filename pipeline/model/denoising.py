@@ -74,11 +74,13 @@ def make_denoising_queries(
     dn_number: int,
     label_noise_ratio: float,
     box_noise_scale: float,
+    eps: float = 1e-3,
 ) -> DenoisingQueries | None:
     """Denoising queries for a batch, or None when the batch has no boxes or ``dn_number`` is 0.
 
     ``label_embedding`` maps int64 labels ``(n,)`` (-1 = class unknown) to ``(n, D)``. G is about
-    ``dn_number / m`` so that there are about ``dn_number`` positives per image.
+    ``dn_number / m`` so that there are about ``dn_number`` positives per image. ``eps``: clamp of the
+    noised boxes' inverse sigmoid.
     """
     counts = [len(t["boxes"]) for t in targets]
     m = max(counts, default=0)
@@ -106,6 +108,6 @@ def make_denoising_queries(
     content = embed.new_zeros(len(targets), groups * 2 * m, embed.shape[-1])
     content[image_r, slot] = embed
     boxes_unsig = boxes.new_zeros(len(targets), groups * 2 * m, 4)
-    boxes_unsig[image_r, slot] = inverse_sigmoid(noised_boxes)
+    boxes_unsig[image_r, slot] = inverse_sigmoid(noised_boxes, eps)
     mask = attention_mask(groups, 2 * m, num_queries, device)
     return DenoisingQueries(content, boxes_unsig, mask, groups, 2 * m)

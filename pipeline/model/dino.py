@@ -11,11 +11,12 @@ Targets (training; list of B dicts):
   soft label is valid (both optional; without them there is no semantic loss),
 * ``"orig_size"``, ``"size"`` int64 ``(2,)`` (h, w) and ``"image_id"`` (used by the post-processor / eval).
 
-Outputs (dict):
+Outputs (dict; logits, log-probabilities and boxes are float32 even under autocast):
 
 * ``"pred_logits"`` ``(B, Q, C)`` sigmoid logits, ``"pred_boxes"`` ``(B, Q, 4)`` cxcywh in [0, 1],
 * ``"pred_semantic"`` ``(B, Q, C)`` log-probabilities of the semantic branch (absent after export),
-* ``"aux_outputs"``: the same keys for decoder layers 0..L-2,
+* ``"aux_outputs"``: the same keys for decoder layers 0..L-2 (``pred_semantic`` only with
+  ``semantic_aux_layers``),
 * ``"enc_outputs"``: ``pred_logits``/``pred_boxes`` of the Q selected encoder proposals,
 * the entries of the method's extensions (``extensions``, e.g. ``"pred_bg"``), per decoder layer;
   ``"pred_scores"`` ``(B, Q, C)`` post-processing probabilities (eval mode, with extensions only) and
@@ -39,35 +40,64 @@ from .deformable_transformer import MLP, DeformableTransformer, EncoderMemory
 from .denoising import make_denoising_queries
 
 
-class LanguageClassifier(nn.Module):
-    """RichSem classifier: ``logit = scale * cos(W h, t_c) + bias`` against unit class text embeddings."""
+def _fp32(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.autocast]:
+    """``hidden`` as float32 and a context with autocast off: the heads' cosine logits are compared
+    across 1203 classes, and bf16 collapses their order (issue 10)."""
+    return hidden.float(), torch.autocast(hidden.device.type, enabled=False)
 
-    def __init__(self, hidden_dim: int, embed_dim: int, logit_scale: float, learn_scale: bool, prior_prob: float):
+
+class LanguageClassifier(nn.Module):
+    """Classifier against unit class text embeddings: ``logit = scale * cos(W h, t_c) [+ bias]``, always
+    computed in float32 (autocast is switched off inside).
+
+    RichSem's recipe (models/richsem/richsem.py ``CLIPAlign``): frozen scale 100 (CLIP's), no bias,
+    ``W`` bias-free with N(0, E^-0.5) entries: ``prior_prob=None, proj_bias=False, init_std=E**-0.5``.
+    Detic's: scale 50, learned bias ``-log((1 - p) / p)``, ``W`` with bias and torch's default init.
+    """
+
+    def __init__(self, hidden_dim: int, embed_dim: int, logit_scale: float, learn_scale: bool,
+                 prior_prob: float | None, proj_bias: bool = True, init_std: float | None = None):
         super().__init__()
-        self.proj = nn.Linear(hidden_dim, embed_dim)
+        self.proj = nn.Linear(hidden_dim, embed_dim, bias=proj_bias)
+        if init_std is not None:
+            nn.init.normal_(self.proj.weight, std=init_std)
         log_scale = torch.tensor(math.log(logit_scale))
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
-        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+        self.bias = None
+        if prior_prob is not None:
+            self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
 
     def forward(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """hidden ``(..., D)``, text ``(C, E)`` unit rows -> logits ``(..., C)``."""
-        return self.log_scale.exp() * F.normalize(self.proj(hidden), dim=-1) @ text.t() + self.bias
+        """hidden ``(..., D)``, text ``(C, E)`` unit rows -> float32 logits ``(..., C)``."""
+        hidden, no_autocast = _fp32(hidden)
+        with no_autocast:
+            logits = self.log_scale.exp() * F.normalize(self.proj(hidden), dim=-1) @ text.float().t()
+            return logits if self.bias is None else logits + self.bias
 
 
 class SemanticHead(nn.Module):
-    """RichSem semantic branch: ``log_softmax(scale * cos(W' h, t_c))`` over the classes."""
+    """RichSem semantic branch: ``log_softmax(scale * cos(W' h, t_c))`` over the classes, in float32.
 
-    def __init__(self, hidden_dim: int, embed_dim: int, logit_scale: float = 100.0):
+    RichSem: ``W'`` bias-free, N(0, E^-0.5) (``clip_visual_proj``, a copy of the classifier's
+    ``proj_linear``); ``bias=True, init_std=None`` is the pre-issue-10 head."""
+
+    def __init__(self, hidden_dim: int, embed_dim: int, logit_scale: float = 100.0, bias: bool = False,
+                 init_std: float | None = None):
         super().__init__()
-        self.proj = nn.Linear(hidden_dim, embed_dim)
+        self.proj = nn.Linear(hidden_dim, embed_dim, bias=bias)
+        if init_std is not None:
+            nn.init.normal_(self.proj.weight, std=init_std)
         self.logit_scale = logit_scale
 
     def forward(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        logits = self.logit_scale * F.normalize(self.proj(hidden), dim=-1) @ text.t()
-        return logits.float().log_softmax(-1)
+        """hidden ``(..., D)``, text ``(C, E)`` unit rows -> float32 log-probabilities ``(..., C)``."""
+        hidden, no_autocast = _fp32(hidden)
+        with no_autocast:
+            logits = self.logit_scale * F.normalize(self.proj(hidden), dim=-1) @ text.float().t()
+            return logits.log_softmax(-1)
 
 
 class DINO(nn.Module):
@@ -86,6 +116,8 @@ class DINO(nn.Module):
         dn_label_noise_ratio: float = 0.5,
         dn_box_noise_scale: float = 1.0,
         extensions: dict[str, nn.Module] | None = None,
+        dn_label_init: str = "dino",
+        semantic_aux_layers: bool = False,
     ):
         super().__init__()
         hidden_dim = transformer.d_model
@@ -109,8 +141,17 @@ class DINO(nn.Module):
         self.dn_number = dn_number
         self.dn_label_noise_ratio = dn_label_noise_ratio
         self.dn_box_noise_scale = dn_box_noise_scale
+        self.semantic_aux_layers = semantic_aux_layers
         nn.init.normal_(self.tgt_embed.weight)
-        nn.init.normal_(self.dn_unknown_label, std=0.02)
+        if dn_label_init == "dino":
+            # DINO's label_enc is an nn.Embedding (N(0, 1) entries, the scale of the content queries);
+            # on unit text rows a N(0, 1) projection gives entries of that scale too.
+            nn.init.normal_(self.dn_label_proj.weight)
+            nn.init.normal_(self.dn_unknown_label)
+        elif dn_label_init == "small":
+            nn.init.normal_(self.dn_unknown_label, std=0.02)
+        else:
+            raise ValueError(f"dn_label_init must be 'dino' or 'small', got {dn_label_init!r}")
         for head in (self.transformer.decoder.bbox_head, self.enc_bbox_head):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
@@ -123,9 +164,9 @@ class DINO(nn.Module):
         embed = self.dn_label_proj(self.text_embeddings[labels.clamp(min=0)])
         return torch.where((labels >= 0)[:, None], embed, self.dn_unknown_label.to(embed.dtype))
 
-    def _heads(self, hidden: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"pred_logits": self.class_head(hidden, self.text_embeddings), "pred_boxes": boxes}
-        if self.semantic_head is not None:
+    def _heads(self, hidden: torch.Tensor, boxes: torch.Tensor, semantic: bool) -> dict[str, torch.Tensor]:
+        out = {"pred_logits": self.class_head(hidden, self.text_embeddings), "pred_boxes": boxes.float()}
+        if semantic and self.semantic_head is not None:
             out["pred_semantic"] = self.semantic_head(hidden, self.text_embeddings)
         for ext in self.extensions.values():
             out.update(ext(hidden, out))
@@ -172,7 +213,7 @@ class DINO(nn.Module):
         ref_unsig = torch.gather(enc_boxes_unsig, 1, topk[..., None].expand(-1, -1, 4))
         enc_outputs = {
             "pred_logits": torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
-            "pred_boxes": ref_unsig.sigmoid(),
+            "pred_boxes": ref_unsig.float().sigmoid(),
         }
         tgt = self.tgt_embed.weight[None].expand(scores.shape[0], -1, -1)
         return tgt, ref_unsig.detach(), enc_outputs
@@ -194,6 +235,7 @@ class DINO(nn.Module):
             dn = make_denoising_queries(
                 targets, self.dn_label_embedding, self.num_classes, self.num_queries,
                 self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale,
+                self.transformer.inverse_sigmoid_eps,
             )
         attn_mask = None
         if dn is None and self.training:
@@ -207,7 +249,11 @@ class DINO(nn.Module):
 
         main_content, main_ref = tgt[:, -self.num_queries:], ref_unsig[:, -self.num_queries:]
         hidden, boxes = self.transformer.decoder(tgt, ref_unsig, mem, attn_mask)
-        layers = [self._heads(h, b) for h, b in zip(hidden, boxes)]
+        # The semantic branch on the last layer only unless semantic_aux_layers (RichSem
+        # distill_aux_layers=False); the last layer holds both the matching and the dn queries.
+        last = len(hidden) - 1
+        layers = [self._heads(h, b, self.semantic_aux_layers or i == last)
+                  for i, (h, b) in enumerate(zip(hidden, boxes))]
         num_dn = dn.num_queries if dn is not None else 0
         main = [{k: v[:, num_dn:] for k, v in layer.items()} for layer in layers]
         out = dict(main[-1], aux_outputs=main[:-1], enc_outputs=enc_outputs)

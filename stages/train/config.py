@@ -67,8 +67,10 @@ class OptimConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5  # parameters under ``backbone_names``; 0 freezes the backbone
     backbone_names: list[str] = dataclasses.field(default_factory=lambda: ["features.backbone."])
-    # Deformable attention's sampling offsets and reference points learn at lr * lr_linear_proj_mult.
-    lr_linear_proj_mult: float = 0.1
+    # "dino": backbone at lr_backbone, the rest at lr (DINO/RichSem param_dict_type='default');
+    # "deformable_detr": also sampling offsets and reference points at lr * lr_linear_proj_mult.
+    param_groups: Literal["dino", "deformable_detr"] = "dino"
+    lr_linear_proj_mult: float = 0.1  # "deformable_detr" only
     linear_proj_names: list[str] = dataclasses.field(default_factory=lambda: ["sampling_offsets", "reference_points"])
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -128,6 +130,9 @@ class EvalConfig:
     images: str = ""
     max_images: int = 0  # 0 = all images of the annotation file
     batch_size: int = 2
+    # Autocast of backbone / encoder / decoder while evaluating; "off" (fp32) by default: LVIS AP
+    # depends on the fine order of the scores (heads and post-processing are fp32 whatever this says).
+    amp: Literal["off", "auto", "bf16", "fp16"] = "off"
 
 
 @dataclasses.dataclass
@@ -149,7 +154,9 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 42
     device: str = "auto"  # "auto" = cuda:LOCAL_RANK when available, else cpu
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on GPU, off on CPU
+    # Autocast of backbone / encoder / decoder in training (heads, losses and post-processing are
+    # always fp32). "off" = fp32 like DINO and RichSem; "auto": bf16 (or fp16) on GPU, off on CPU.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "off"
     ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
     find_unused_parameters: bool = False
     progress: bool = True  # rich progress bar (rank 0)

@@ -49,7 +49,7 @@ def evaluate_checkpoint(
     images: str | Path,
     out: str | Path | None = None,
     device: str = "auto",
-    amp: str = "auto",
+    amp: str = "off",
     batch_size: int = 2,
     image_size: int | None = None,
     max_size: int | None = None,

@@ -1,9 +1,9 @@
 """Stage 2 driver: the training loop (``lt-distill train``).
 
 One iteration = one optimizer step on one batch; batches alternate detection / classification
-(1:1, ``pipeline.data.AlternatingLoader``). Per step: forward under autocast (bf16/fp16 on GPU, off
-on CPU), the criterion in fp32, the weighted total, backward (scaled for fp16), gradient-norm
-clipping, AdamW step, scheduler step.
+(1:1, ``pipeline.data.AlternatingLoader``). Per step: forward (fp32 by default; ``amp`` puts the
+backbone, encoder and decoder under autocast, the heads stay fp32), the criterion in fp32, the
+weighted total, backward (scaled for fp16), gradient-norm clipping, AdamW step, scheduler step.
 
 Resuming (``resume=True``) loads ``<output_dir>/checkpoints/last`` and continues exactly: model,
 optimizer, scheduler, grad scaler and every rank's RNG state are restored, and the data loaders
@@ -342,15 +342,15 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
             window.add(batch["source"], values, data_time, label_time)
 
             if iteration % cfg.log_every == 0 or iteration == cfg.max_iters:
-                last_logged = _log_window(window, iteration, optimizer, batch_images, monitor, info)
+                last_logged = _log_window(window, iteration, optimizer, batch_images, monitor, info, skipped)
             if info.is_main:
                 monitor.advance(iteration, f"loss {values['loss']:.3f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.max_iters:
                 checkpoint_path = _checkpoint(out, cfg, model, criterion, optimizer, scheduler, scaler, resolved,
                                               categories, data.loader, iteration, info)
             if cfg.eval.every and (iteration % cfg.eval.every == 0 or iteration == cfg.max_iters):
-                eval_metrics = _evaluate(model, postprocess, cfg, data_cfg, categories, out, iteration, amp_dtype,
-                                         info, monitor)
+                eval_metrics = _evaluate(model, postprocess, cfg, data_cfg, categories, out, iteration,
+                                         resolve_amp(cfg.eval.amp, info.device), info, monitor)
             t_wait = time.perf_counter()
     finally:
         monitor.close()
@@ -414,7 +414,7 @@ def _train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: t
 
 
 def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimizer, batch_images: int,
-                monitor: TrainMonitor, info: DistInfo) -> dict[str, float]:
+                monitor: TrainMonitor, info: DistInfo, skipped: Counter) -> dict[str, float]:
     elapsed = time.perf_counter() - window.start
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
     common = {"lr": lrs.get("default", next(iter(lrs.values()))),
@@ -424,6 +424,8 @@ def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimize
               "iter_time": elapsed / max(window.steps, 1)}
     if window.label_time is not None:
         common["label_time"] = window.label_time / max(window.steps, 1)
+    # Samples skipped so far on this rank, by reason (e.g. unlabelled classification images).
+    common.update({f"skipped_{k}": float(v) for k, v in sorted(skipped.items())})
     logged: dict[str, float] = {}
     # Every rank alternates sources in lockstep, so each sees the same sources in a window.
     for source in sorted(window.counts):

@@ -1,4 +1,4 @@
-"""AdamW with DINO's parameter groups, and the step-decay schedule."""
+"""AdamW with DINO's (or Deformable DETR's) parameter groups, and the step-decay schedule."""
 
 from __future__ import annotations
 
@@ -13,17 +13,23 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Three groups, as in DINO: everything else at ``lr``; the backbone at ``lr_backbone``; the
-    deformable attention's sampling offsets and reference points at ``lr * lr_linear_proj_mult``.
-    Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped. Each group
-    carries a ``"name"`` for logging."""
+    """AdamW parameter groups, each with a ``"name"`` for logging. ``cfg.param_groups``:
+
+    * ``"dino"`` (DINO / RichSem ``param_dict_type='default'``, util/get_param_dicts.py): two groups,
+      the backbone (``backbone_names``) at ``lr_backbone`` and everything else at ``lr``;
+    * ``"deformable_detr"`` (Deformable DETR; RichSem's ``ddetr_in_mmdet``): a third group, the
+      deformable attention's sampling offsets and reference points (``linear_proj_names``), at
+      ``lr * lr_linear_proj_mult``.
+
+    Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped."""
+    split_linear_proj = cfg.param_groups == "deformable_detr"
     groups: dict[str, list[nn.Parameter]] = {"default": [], "backbone": [], "linear_proj": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if _matches(name, cfg.backbone_names):
             groups["backbone"].append(p)
-        elif _matches(name, cfg.linear_proj_names):
+        elif split_linear_proj and _matches(name, cfg.linear_proj_names):
             groups["linear_proj"].append(p)
         else:
             groups["default"].append(p)
