@@ -52,7 +52,7 @@ def all_tiles(dataset):
 
 # ---------------------------------------------------------------------------------- crop labels
 def test_exact_mode_returns_the_stored_label_bit_for_bit(data):
-    cfg = config(data, cls_aug={"crop_match": "exact", "crop_prob": 0.8, "tile_size": 48})
+    cfg = config(data, cls_aug={"crop_match": "exact", "crop_prob": 0.8, "tile_size": 48}, cls_unlabelled="keep")
     reader = open_label_store(cfg)
     grid = np.asarray(reader.attrs["grid"]["boxes"])
     random.seed(0)
@@ -103,12 +103,15 @@ def test_nearest_and_interp_follow_their_rules(data):
     for r, s, m in zip(regions, soft, mask):
         ious = iou(r, grid)
         assert m == (ious.max() >= 0.5)
-        if m:
+        if m:  # the (at most 3) boxes at or above the threshold, weighted by IoU
             top = np.argsort(-ious, kind="stable")[:3]
+            top = top[ious[top] >= 0.5]
             w = ious[top] / ious[top].sum()
             assert np.allclose(s, (w[:, None] * full[top]).sum(0), atol=1e-6)
             assert s.sum() == pytest.approx(1.0, abs=1e-3)
     assert mask.tolist() == [True, True, False, True]
+    soft, mask = interp(0, 5, grid[[7, 20]])  # a grid box itself: exactly its own label
+    assert mask.all() and np.array_equal(soft, full[[7, 20]])
 
 
 def test_store_with_other_vocabulary_or_grid_is_refused_by_name(data, tmp_path):
@@ -193,7 +196,7 @@ def test_classification_positions_follow_keys_and_missing_rows_are_masked(data, 
     keys[0] = keys[0][::-1][:-1] + ["not_in_the_tar"]
     hard = [[(hash(k) % NUM_CLASSES) for k in shard] for shard in keys]
     S.write_label_store(tmp_path / "store", keys, num_classes=NUM_CLASSES, hard_labels=hard)
-    cfg = config(data, label_store=str(tmp_path / "store"), cls_aug={"mosaic_prob": 0.0})
+    cfg = config(data, label_store=str(tmp_path / "store"), cls_aug={"mosaic_prob": 0.0}, cls_unlabelled="keep")
     reader = open_label_store(cfg)
     dataset = build_classification_dataset(cfg, reader, repeat=False)
     seen, masked, skipped = 0, 0, {}
@@ -208,6 +211,23 @@ def test_classification_positions_follow_keys_and_missing_rows_are_masked(data, 
         assert t["labels"][0] == hard[shard][pos]
         seen += 1
     assert masked == 1 and seen == 22 and skipped == {"not_in_store": 1, "undecodable": 1}
+
+
+def test_unlabelled_classification_images_are_skipped_and_counted(data):
+    # Hard label -1 on positions 0 and 4 of every shard (6 samples); one other sample is undecodable.
+    cfg = config(data, cls_aug={"mosaic_prob": 0.0})
+    assert cfg.cls_unlabelled == "skip"  # the default: RichSem trains on mapped images only
+    dataset = build_classification_dataset(cfg, open_label_store(cfg), repeat=False)
+    labels, skipped = [], {}
+    for _, t in dataset:
+        labels += t["labels"].tolist()
+        for k, v in t["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert len(labels) == 17 and min(labels) >= 0
+    assert skipped == {"unlabelled": 6, "undecodable": 1}
+    keep = config(data, cls_aug={"mosaic_prob": 0.0}, cls_unlabelled="keep")
+    kept = [t["labels"][0].item() for _, t in build_classification_dataset(keep, open_label_store(keep), repeat=False)]
+    assert len(kept) == 23 and kept.count(-1) == 6
 
 
 def test_shard_assignment_covers_every_sample_once():

@@ -100,15 +100,18 @@ def test_training_outputs_shapes_and_dtypes(tiny):
     for layer in [out] + out["aux_outputs"]:
         assert layer["pred_logits"].shape == (2, q, C) and layer["pred_logits"].dtype == torch.float32
         assert layer["pred_boxes"].shape == (2, q, 4) and layer["pred_boxes"].dtype == torch.float32
-        assert layer["pred_semantic"].shape == (2, q, C)
-        torch.testing.assert_close(layer["pred_semantic"].exp().sum(-1), torch.ones(2, q))  # log-probabilities
         assert ((layer["pred_boxes"] >= 0) & (layer["pred_boxes"] <= 1)).all()
+    # The semantic branch on the last layer only (RichSem distill_aux_layers=False).
+    assert out["pred_semantic"].shape == (2, q, C)
+    torch.testing.assert_close(out["pred_semantic"].exp().sum(-1), torch.ones(2, q))  # log-probabilities
+    assert not any("pred_semantic" in layer for layer in out["aux_outputs"] + out["dn_outputs"]["aux_outputs"])
     assert len(out["aux_outputs"]) == 1  # 2 decoder layers
     assert out["enc_outputs"]["pred_logits"].shape == (2, q, C) and out["enc_outputs"]["pred_boxes"].shape == (2, q, 4)
     dn = out["dn_outputs"]
     # tiny: dn_number 20, at most 5 boxes -> 4 groups of 2 * 5 queries.
     assert (dn["num_groups"], dn["group_size"]) == (4, 10)
     assert dn["pred_logits"].shape == (2, 40, C) and dn["pred_boxes"].shape == (2, 40, 4)
+    assert dn["pred_semantic"].shape == (2, 40, C)
     assert len(dn["aux_outputs"]) == 1
 
     model.eval()
