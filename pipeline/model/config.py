@@ -82,7 +82,7 @@ class HeadConfig:
     #   projection with bias, torch's default init (Detic's zero-shot classifier; pre-issue-10).
     classifier: Literal["richsem", "detic"] = "richsem"
     cls_logit_scale: float = 50.0  # "detic" only; "richsem" uses CLIP's 100
-    learn_logit_scale: bool = False
+    learn_logit_scale: bool = False  # "detic" only ("richsem" keeps CLIP's scale frozen)
     cls_prior_prob: float = 0.01  # "detic" only
     # Semantic branch: log_softmax(semantic_logit_scale * cos(proj'(h), text)); dropped on export.
     semantic_branch: bool = True
