@@ -14,6 +14,7 @@ from .schema import (
     STATUS_MISSING,
     ShardLockedError,
     StoreError,
+    StoreExistsError,
     StoreLayout,
     StoreMismatchError,
 )
@@ -21,7 +22,7 @@ from .topk import decode_topk, encode_topk, kl_divergence, residual_mass
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "REASONS", "REASON_CODES", "STATUS_DONE", "STATUS_FAILED", "STATUS_MISSING",
-    "LabelReader", "LabelStore", "ObjectBlock", "ShardLock", "ShardLockedError", "ShardResult", "StoreError",
+    "LabelReader", "LabelStore", "ObjectBlock", "ShardLock", "ShardLockedError", "ShardResult", "StoreError", "StoreExistsError",
     "StoreLayout", "StoreMismatchError", "check_compatible", "damaged_shards", "decode_topk", "encode_topk", "get_attr",
     "is_label_store", "kl_divergence", "residual_mass", "store_bytes", "store_info", "store_stats",
     "verify_store", "vocabulary_sha256",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .integrity import array_problems
+from .integrity import ArrayFiles, array_problems
 from .labelstore import LabelStore
 from .schema import (
     REASONS,
@@ -176,17 +176,28 @@ def _check_rows(store: LabelStore, start: int, stop: int, num_rows: np.ndarray, 
         problems.append(f"row {r}: unknown status code {status[r - lo]}")
 
 
-def damaged_shards(path: str | Path) -> dict[int, str]:
-    """Source shards whose labels cannot be trusted, with the first problem of each: a written shard
-    with a file missing, a damaged file (crc32c) or an unreadable row count. What ``precompute`` recomputes
-    on a rerun, and what :func:`verify_store` reports by shard."""
+def damaged_shards(path: str | Path, full: bool = True) -> dict[int, str]:
+    """Source shards whose labels cannot be trusted, with the first problem of each: a written shard with a
+    file missing, an unreadable row count and (``full``: reads every file) a chunk failing its crc32c.
+    ``full`` finds exactly the shards :func:`verify_store` names; without it only file presence is checked
+    (a few stats per shard, what every precompute rerun does)."""
     store = LabelStore.open(path, "r")
     problems: list[str] = []
     num_rows, bad = _per_shard(store.group["shards/num_rows"], store.layout.num_shards, "shards/num_rows", problems)
     out = {s: problems[i] for i, s in enumerate(sorted(bad))}
     written = [s for s in range(store.layout.num_shards) if num_rows[s] >= 0]
-    for name in ("shards/num_rows", "shards/read", *ROW_ARRAYS):
-        found, shards = array_problems(store.path / name, written if name != "shards/num_rows" else ())
+    for name in ("shards/read", *ROW_ARRAYS):
+        if full:
+            found, shards = array_problems(store.path / name, written)
+            for s in sorted(shards):
+                out.setdefault(s, next(p for p in found if f" shard {s}:" in p))
+        else:
+            files = ArrayFiles(store.path / name)
+            for s in written:
+                if not files.file(s).is_file():
+                    out.setdefault(s, f"{name} shard {s}: file is missing although the shard was written")
+    if full:
+        found, shards = array_problems(store.path / "shards/num_rows")
         for s in sorted(shards):
             out.setdefault(s, next(p for p in found if f" shard {s}:" in p))
     return dict(sorted(out.items()))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from .. import __version__
-from .lock import ShardLock
+from .lock import ShardLock, pid_alive
 from .schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -25,6 +29,7 @@ from .schema import (
     REQUIRED_ARRAYS,
     STATUS_MISSING,
     StoreError,
+    StoreExistsError,
     StoreLayout,
 )
 
@@ -130,6 +135,46 @@ def _check_object_rows(status: np.ndarray, index: np.ndarray, prob: np.ndarray, 
         raise StoreError("object block: a done row has a non-finite box")
 
 
+# Hidden sibling a store is built in before it is renamed into place: ".NAME.creating-HOST-PID-TOKEN".
+_BUILD_PREFIX = ".{name}.creating-"
+
+
+def _looks_like_label_store(path: Path) -> bool:
+    """A directory whose group metadata names our format (any version, complete or not): replaceable."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    fmt = meta.get("attributes", {}).get("format") if isinstance(meta, dict) else None
+    return isinstance(fmt, dict) and fmt.get("name") == FORMAT_NAME
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Remove half-built siblings of ``path`` left by killed creators on this host."""
+    host = socket.gethostname()
+    for build in path.parent.glob(_BUILD_PREFIX.format(name=path.name) + "*"):
+        owner = build.name[len(_BUILD_PREFIX.format(name=path.name)):].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not pid_alive(int(owner[1])):
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _move_into_place(build: Path, path: Path, replace: bool) -> None:
+    """Rename the finished ``build`` to ``path`` (atomic on one file system); ``replace`` an old store."""
+    trash = None
+    if replace:
+        trash = path.parent / f".{path.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+    try:
+        os.rename(build, path)  # replaces an empty directory; fails when another creator got there first
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise StoreExistsError(f"a label store was created at {path} by another process at the same time") from None
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 def is_label_store(path: str | Path) -> bool:
     try:
         _open_group(Path(path), "r")
@@ -165,9 +210,15 @@ class LabelStore:
         source: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
+        text_embeddings: tuple[np.ndarray, dict[str, Any]] | None = None,
     ) -> "LabelStore":
-        """Create an empty store. An existing store is replaced only with ``overwrite=True``; a
-        non-empty directory that is not a label store is never touched."""
+        """Create an empty store (with the teacher's ``text_embeddings``, (C, D) and their fingerprint,
+        when given). An existing store is replaced only with ``overwrite=True``; a non-empty directory that
+        is not a label store is never touched.
+
+        Creation is atomic: the store is built in a hidden sibling directory and renamed into place, so a
+        kill leaves either no store or a whole one, and of two concurrent creators one wins and the other
+        gets :class:`StoreExistsError` (then open the winner's store)."""
         path = Path(path)
         if residual not in RESIDUAL_POLICIES:
             raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
@@ -176,12 +227,30 @@ class LabelStore:
             raise StoreError(f"grid has {len(boxes)} boxes but layout.num_crops is {layout.num_crops}")
         if len(vocabulary) != layout.num_classes:
             raise StoreError(f"vocabulary has {len(vocabulary)} names but layout.num_classes is {layout.num_classes}")
+        replace = False
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            if not is_label_store(path):
+            if not _looks_like_label_store(path):
                 raise StoreError(f"{path} exists and is not a label store; refusing to write there")
             if not overwrite:
-                raise StoreError(f"a label store already exists at {path}; pass --overwrite to replace it")
-            shutil.rmtree(path)
+                raise StoreExistsError(f"a label store already exists at {path}; pass --overwrite to replace it")
+            replace = True
+        _remove_stale_builds(path)
+        build = path.parent / f"{_BUILD_PREFIX.format(name=path.name)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            store = cls._build(build, layout, teacher=teacher, vocabulary=vocabulary, grid_spec=grid_spec, boxes=boxes,
+                               residual=residual, source=source, extra=extra)
+            if text_embeddings is not None:
+                store.write_text_embeddings(*text_embeddings)
+            _move_into_place(build, path, replace)
+        finally:
+            if build.exists():
+                shutil.rmtree(build, ignore_errors=True)
+        return cls.open(path, "r+")
+
+    @classmethod
+    def _build(cls, path: Path, layout: StoreLayout, *, teacher: dict[str, Any], vocabulary: list[str],
+               grid_spec: str, boxes: np.ndarray, residual: str, source: dict[str, Any] | None,
+               extra: dict[str, Any] | None) -> "LabelStore":
         attrs = {
             "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
             "layout": dataclasses.asdict(layout),
@@ -241,10 +310,23 @@ class LabelStore:
 
     def shards_done(self) -> np.ndarray:
         """(S,) bool: shards whose rows were all committed (done or failed)."""
-        num_rows = self.shard_num_rows()
-        status = self.group["rows/status"][:].reshape(self.layout.num_shards, self.layout.shard_capacity)
+        lay = self.layout
+        try:
+            num_rows = self.shard_num_rows()
+            status = self.group["rows/status"][:].reshape(lay.num_shards, lay.shard_capacity)
+        except ValueError:  # a damaged chunk (crc32c): decide shard by shard, unreadable = not done
+            return np.array([self._shard_done(s) for s in range(lay.num_shards)], dtype=bool)
         filled = (status != STATUS_MISSING).sum(axis=1)
         return (num_rows >= 0) & (filled == np.maximum(num_rows, 0))
+
+    def _shard_done(self, shard: int) -> bool:
+        cap = self.layout.shard_capacity
+        try:
+            n = int(self.group["shards/num_rows"][shard])
+            filled = int((self.group["rows/status"][shard * cap:(shard + 1) * cap] != STATUS_MISSING).sum())
+        except ValueError:
+            return False
+        return n >= 0 and filled == n
 
     def status_counts(self) -> dict[str, int]:
         status = self.group["rows/status"][:]

@@ -88,6 +88,10 @@ class StoreError(LtDistillError):
     """The path is not a usable label store, or an operation on it is invalid."""
 
 
+class StoreExistsError(StoreError):
+    """A store already exists where one was to be created (possibly made by a concurrent process)."""
+
+
 class StoreMismatchError(StoreError):
     """A store does not match what a run expects; the message names every differing field."""
 

@@ -434,3 +434,13 @@ def test_object_rows_must_be_full(tmp_path):
     block.boxes[0, 0] = 1.0
     store.write_objects_block(0, block)
     assert verify_store(tmp_path / "s.zarr") == []
+
+
+def test_spread_divides_by_the_classes_not_kept():
+    """Issue 10.10: a row with 2 valid entries of 4 spreads its residual over C - 2 classes (sum 1)."""
+    index = np.array([[3, 7, -1, -1], [1, 2, 4, 5]], np.int16)
+    prob = np.array([[0.5, 0.3, 0, 0], [0.4, 0.3, 0.1, 0.1]], np.float16)
+    full = decode_topk(index, prob, 10, "spread")
+    np.testing.assert_allclose(full.sum(-1), [1.0, 1.0], atol=1e-3)
+    np.testing.assert_allclose(full[0, 0], (1 - 0.5 - 0.3) / 8, rtol=1e-3)
+    np.testing.assert_allclose(full[1, 0], (1 - 0.9) / 6, rtol=1e-2)
