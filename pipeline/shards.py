@@ -161,7 +161,8 @@ def iter_tar_samples(url: str, notes: list[str] | None = None, record: dict | No
             record["end"] = "empty" if stream.bytes == 0 else "not_a_tar"
             notes.append(f"{url}: {READ_ENDS[record['end']]} ({exc})")
             return
-        tar.lt_end = "unreadable"
+        if not hasattr(tar, "lt_end"):  # (opening reads the first header: an empty archive ends there)
+            tar.lt_end = "unreadable"
         members = iter(tar)
         while True:
             try:

@@ -260,3 +260,65 @@ def test_empty_or_unreadable_lock_is_stale_and_taken_over(tmp_path, content, cap
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
         with pytest.raises(StoreError, match="already being written by pid"):
             ShardLock(lock.path, "x").acquire()
+
+
+# ---------------------------------------------------------------------------------------------------- cases 6, 12
+def _gt_and_dets():
+    cats = [{"id": 1, "name": "a", "frequency": "f", "image_count": 1},
+            {"id": 2, "name": "b", "frequency": "r", "image_count": 1}]
+    images = [{"id": i, "width": 100, "height": 100, "neg_category_ids": [], "not_exhaustive_category_ids": []}
+              for i in (1, 2)]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 20, 20], "area": 400}]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [11, 10, 30, 30], "score": 0.9},
+            {"image_id": 2, "category_id": 2, "bbox": [0, 0, 20, 20], "score": 0.8},
+            {"image_id": 2, "category_id": 2, "bbox": [50, 51, 20, 20], "score": 0.3}]
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("score", float("nan"), "score must be a finite number"),
+    ("score", -0.5, "score must be a finite number >= 0"),
+    ("score", "0.9", "score must be a finite number"),
+    ("bbox", [float("inf"), 0, 5, 5], "four finite numbers"),
+    ("bbox", [0, 0, -5, 5], "negative width or height"),
+    ("bbox", 7, r"bbox must be \[x, y, w, h\]"),
+    ("bbox", "0 0 5 5", r"bbox must be \[x, y, w, h\]"),
+    ("image_id", [1], "image_id must be an integer"),
+])
+def test_invalid_detections_are_refused_by_name(field, value, message):
+    """Issue 15.6/15.12: a NaN score silently moved AP (0.61 -> 0.68); malformed detections raised tracebacks."""
+    from lt_distill.pipeline import evaluate as ev
+
+    gt, dets = _gt_and_dets()
+    ev.evaluate_detections(gt, dets)
+    dets[2] = dict(dets[2], **{field: value})
+    with pytest.raises(ev.EvaluationError, match=f"detection 2: .*{message}"):
+        ev.evaluate_detections(gt, dets)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda gt: gt["annotations"][1].update(bbox=[50, 50, -20, 20]), r"annotations\[1\] \(id 2\): bbox has a negative"),
+    (lambda gt: gt["annotations"][0].update(bbox=[float("nan"), 1, 2, 3]), "four finite numbers"),
+    (lambda gt: gt["annotations"][0].pop("category_id"), r"annotations\[0\] lacks category_id"),
+    (lambda gt: gt["annotations"][0].update(image_id="1"), "image_id must be an integer"),
+    (lambda gt: gt.update(images=[]), "lists no images"),
+])
+def test_invalid_annotations_are_refused_by_name(change, message):
+    from lt_distill.pipeline import evaluate as ev
+
+    gt, dets = _gt_and_dets()
+    change(gt)
+    with pytest.raises(ev.EvaluationError, match=message):
+        ev.evaluate_detections(gt, dets)
+
+
+def test_eval_cli_malformed_files_give_one_error_line(tmp_path):
+    gt, dets = _gt_and_dets()
+    dets[0]["score"] = float("nan")
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    proc = subprocess.run([sys.executable, "-m", "lt_distill.cli", "eval", "--annotations", str(tmp_path / "gt.json"),
+                           "--detections", str(tmp_path / "dets.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: detection 0: score must be a finite number >= 0, got nan"], proc.stderr

@@ -20,6 +20,7 @@ plain Python values.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -146,3 +147,15 @@ def load_finetune_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> 
     report["missing"] = sorted(set(own) - set(source))
     model.load_state_dict(take, strict=False)
     return report
+
+
+RESUME_CHANGES = "resume_changes.jsonl"
+
+
+def record_resume_changes(output_dir: str | Path, iteration: int, changes: list[str]) -> Path:
+    """Append the config changes a ``--resume --allow-config-changes`` applied at ``iteration`` to
+    ``<output_dir>/resume_changes.jsonl`` (config.json and later checkpoints hold the new values)."""
+    path = Path(output_dir) / RESUME_CHANGES
+    with open(path, "a") as f:
+        f.write(json.dumps({"iteration": int(iteration), "changes": changes}) + "\n")
+    return path
