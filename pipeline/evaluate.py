@@ -422,7 +422,7 @@ def evaluate_model(
     if unknown:
         raise EvaluationError(f"{annotations}: the model's classes include category ids {unknown[:5]} "
                               "that the annotation file does not list")
-    records, categories, _ = load_detection_annotations(annotations)
+    records, categories, _ = load_detection_annotations(annotations, require_boxes=False)
     if max_images:
         records = records[:max_images]
         gt = subset_annotations(gt, [r.image_id for r in records])

@@ -289,6 +289,8 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
     def decide() -> str:
         if not path.exists() or (path.is_dir() and not any(path.iterdir())) or cfg.overwrite:
             return "create"  # LabelStore.create refuses a directory that is not a label store
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path} exists and is not a label store; refusing to write there")
         # Opening names what is wrong with an old, incomplete or foreign store.
         check_compatible(LabelStore.open(path, "r").attrs, expected_attributes(job), f"label store {path}")
         return "resume"

@@ -16,6 +16,7 @@ from .schema import (
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_MISSING,
+    StoreError,
     StoreMismatchError,
 )
 from .topk import decode_topk
@@ -66,7 +67,13 @@ def store_bytes(path: Path) -> int:
 def store_info(path: str | Path) -> dict[str, Any]:
     """Attributes (minus the long class list), shapes and row counts."""
     store = LabelStore.open(path, "r")
-    status = store.group["rows/status"][:]
+    damaged = damaged_shards(path, full=False)
+    try:
+        status = store.group["rows/status"][:]
+        reasons = _reason_counts(store)
+    except ValueError as exc:  # a chunk failing its crc32c: no row count is trustworthy
+        raise StoreError(f"{path}: the row status is damaged ({str(exc).splitlines()[0]}); run "
+                         "`lt-distill store verify` to list every problem") from exc
     attrs = dict(store.attrs)
     vocab = dict(attrs.get("vocabulary", {}))
     names = vocab.pop("names", [])
@@ -76,17 +83,20 @@ def store_info(path: str | Path) -> dict[str, Any]:
     grid["num_boxes"] = len(grid.pop("boxes", []))
     attrs["grid"] = grid
     done = store.shards_done()
+    done[list(damaged)] = False
     info = {
         "path": str(path),
         "attributes": attrs,
         "arrays": {name: list(arr.shape) for name, arr in _iter_arrays(store.group)},
-        "shards": {"total": int(len(done)), "done": int(done.sum())},
+        # "done" counts shards whose files are all present; `store verify` checks every chunk's crc32c.
+        "shards": {"total": int(len(done)), "done": int(done.sum()), "damaged": len(damaged)},
+        "damaged_shards": {str(k): v for k, v in damaged.items()},
         "rows": {
             "done": int((status == STATUS_DONE).sum()),
             "failed": int((status == STATUS_FAILED).sum()),
             "missing": int((status == STATUS_MISSING).sum()),
         },
-        "failed_by_reason": _reason_counts(store),
+        "failed_by_reason": reasons,
         "bytes_on_disk": store_bytes(store.path),
     }
     if "objects" in store.group:

@@ -322,3 +322,121 @@ def test_eval_cli_malformed_files_give_one_error_line(tmp_path):
                            "--detections", str(tmp_path / "dets.json")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: detection 0: score must be a finite number >= 0, got nan"], proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- case 8
+def test_annotations_without_usable_boxes_are_refused_and_skips_are_named(tmp_path, caplog):
+    """Issue 15.8: annotations with no bbox / no category_id trained with every detection loss 0.0."""
+    from lt_distill.errors import LtDistillError
+    from lt_distill.pipeline.data.detection import load_detection_annotations
+
+    doc = {"images": [{"id": 1, "width": 64, "height": 48, "file_name": "a.jpg"}],
+           "categories": [{"id": 3, "name": "cat"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 3}, {"id": 2, "image_id": 1, "bbox": [1, 1, 5, 5]},
+                           {"id": 3, "image_id": 1, "category_id": 3, "bbox": [1, 1, float("nan"), 5]}]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LtDistillError, match=r"no usable box among 3 annotations \(bad_bbox 1, missing_bbox 1, "
+                                             r"missing_category_id 1\)"):
+        load_detection_annotations(path)
+    doc["annotations"].append({"id": 4, "image_id": 1, "category_id": 3, "bbox": [2, 2, 10, 10]})
+    path.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="lt_distill.data"):
+        records, _, skipped = load_detection_annotations(path)
+    assert skipped == {"bad_bbox": 1, "missing_bbox": 1, "missing_category_id": 1}
+    assert "skipped bad_bbox 1, missing_bbox 1, missing_category_id 1" in caplog.text
+    assert records[0].ann_ids.tolist() == [4]
+
+
+# ---------------------------------------------------------------------------------------------------- case 12
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lt_distill.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_store_commands_on_damaged_stores_give_one_line_or_name_the_problem(tmp_path):
+    """Issue 15.12: verify/info raised tracebacks on a truncated shard index, a 0-byte shard file, an undecodable
+    status chunk and a missing zarr.json, and info reported "done" for a store verify rejects."""
+    path = tmp_path / "s.zarr"
+    store = make_store(path)
+    for s in range(3):
+        store.write_shard(s, make_result(s, 10))
+    index_file = path / "labels" / "index" / "c" / "0" / "0" / "0"
+    index_file.write_bytes(index_file.read_bytes()[:-30])                   # truncated shard index
+    (path / "rows" / "key" / "c" / "1").write_bytes(b"")                    # 0-byte shard file
+    status = path / "rows" / "status" / "c" / "2"
+    raw = bytearray(status.read_bytes())
+    raw[2] ^= 0xFF                                                           # undecodable status chunk
+    status.write_bytes(bytes(raw))
+    proc = _cli("store", "verify", path)
+    assert proc.returncode == 1 and not proc.stderr, proc.stderr
+    for needle in ("labels/index shard 0: shard index is truncated", "rows/key shard 1: shard index is truncated",
+                   "rows/status shard 2: 1 inner chunk(s) fail their crc32c"):
+        assert needle in proc.stdout, proc.stdout
+    proc = _cli("store", "info", path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "row status is damaged" in proc.stderr
+    status.write_bytes(bytes(raw[:2] + bytearray([raw[2] ^ 0xFF]) + raw[3:]))   # repaired; shard 1 is still bad
+    (path / "rows" / "key" / "c" / "1").unlink()
+    proc = _cli("store", "info", path, "--json", tmp_path / "info.json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["shards"]["done"] == 2 and info["shards"]["damaged"] == 1 and "1" in info["damaged_shards"]
+    (path / "labels" / "prob" / "zarr.json").unlink()
+    for command in ("info", "verify", "stats"):
+        proc = _cli("store", command, path)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "incomplete label store (array labels/prob is missing)" in proc.stderr
+
+
+def test_checkpoint_errors_are_one_clear_line(tmp_path):
+    """Issue 15.12: disk full while saving, a foreign pickle, and a truncated newest checkpoint."""
+    import fractions
+
+    import torch
+
+    from lt_distill.errors import LtDistillError
+    from lt_distill.pipeline.model.checkpoint import load_checkpoint
+    from lt_distill.stages.train.checkpoint import checkpoint_dir, load_resume_checkpoint, save_training_checkpoint
+
+    state = {"model": {"w": torch.ones(3)}, "config": {}, "iteration": 1, "optimizer": {}, "scheduler": {}}
+    save_training_checkpoint(tmp_path, state)
+    directory = checkpoint_dir(tmp_path)
+    (directory / "iter_0000002.pt.tmp").symlink_to("/dev/full")          # a real ENOSPC on write
+    with pytest.raises(LtDistillError, match=r"cannot write checkpoint .*iter_0000002.pt: no space left on device"):
+        save_training_checkpoint(tmp_path, dict(state, iteration=2))
+    assert not (directory / "iter_0000002.pt.tmp").exists()
+    save_training_checkpoint(tmp_path, dict(state, iteration=2))
+    good = (directory / "iter_0000002.pt").read_bytes()
+    (directory / "iter_0000002.pt").write_bytes(good[: len(good) // 2])   # newest cut short
+    path, loaded, notes = load_resume_checkpoint(tmp_path)
+    assert path.name == "iter_0000001.pt" and loaded["iteration"] == 1
+    assert "skipping iter_0000002.pt" in notes[0] and "previous intact checkpoint iter_0000001.pt" in notes[1]
+    with pytest.raises(LtDistillError, match="truncated or not a PyTorch file") as info:
+        load_checkpoint(directory / "iter_0000002.pt")
+    assert "\n" not in str(info.value)
+
+    torch.save({"model": fractions.Fraction(1, 3)}, tmp_path / "foreign.pt")
+    with pytest.raises(LtDistillError, match="not an lt-distill checkpoint: it holds Python objects") as info:
+        load_checkpoint(tmp_path / "foreign.pt")
+    assert "weights_only=False" not in str(info.value) and "weights_only" not in str(info.value).replace(
+        "weights_only=True", "")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.toml", b"[optim]\nlr = 1e-4 # caf\xe9\n", "is not UTF-8 text"),
+    ("list.json", b"[1, 2]", "must hold an object of sections and keys, got a list"),
+])
+def test_config_file_errors_are_one_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    proc = _cli("train", "--config", tmp_path / name)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_config_numbers_are_refused(value):
+    from lt_distill.errors import ConfigError
+    from lt_distill.stages.train.config import train_config
+
+    with pytest.raises(ConfigError, match=f"optim.lr: expected a finite number, got {value.lstrip('+')}"):
+        train_config(None, [f"optim.lr={value}"])

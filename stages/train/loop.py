@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -55,7 +56,7 @@ from ...store import LabelReader
 from .checkpoint import (
     last_checkpoint,
     load_finetune_weights,
-    load_training_checkpoint,
+    load_resume_checkpoint,
     record_resume_changes,
     rng_state,
     save_final_model,
@@ -372,10 +373,9 @@ def _checkpoint_to_resume(cfg: TrainConfig, resolved: dict[str, Any], resume: bo
             raise LtDistillError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                                  "or choose another output_dir")
         return None, []
-    path = last_checkpoint(out)
-    if path is None:
-        raise LtDistillError(f"--resume: {out} has no checkpoint to resume from")
-    ckpt = load_training_checkpoint(path)
+    _, ckpt, notes = load_resume_checkpoint(out)
+    for note in notes:
+        print(f"--resume: {note}", file=sys.stderr)
     saved = dict(ckpt["config"])
     saved.setdefault("method", "richsem")  # checkpoints from before methods existed trained RichSem
     diffs = resume_differences(saved, resolved, cfg.data_config().soft_labels == "online")
