@@ -19,6 +19,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from .. import __version__
+from .integrity import ArrayFiles
 from .lock import ShardLock, pid_alive
 from .schema import (
     FORMAT_NAME,
@@ -475,7 +476,13 @@ class LabelStore:
         bs = obj.attrs["block_size"]
         rows = obj["block_rows"][:]
         status = obj["status"][:].reshape(-1, bs)
-        return (rows >= 0) & ((status != STATUS_MISSING).sum(1) == np.maximum(rows, 0))
+        done = (rows >= 0) & ((status != STATUS_MISSING).sum(1) == np.maximum(rows, 0))
+        # A written block with a file missing (deleted) is not done: a rerun recomputes it.
+        for name in ("ann_id", "image_id", "box", "index", "prob"):
+            files = ArrayFiles(self.path / "objects" / name)
+            for block in np.nonzero(done)[0]:
+                done[block] = files.file(int(block)).is_file()
+        return done
 
     def write_objects_block(self, block: int, data: ObjectBlock) -> None:
         """Write one block of object labels (whole Zarr shards, labels first, status last)."""

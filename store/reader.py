@@ -294,12 +294,20 @@ class LabelReader:
             if "objects" not in self._store.group:
                 raise StoreError(f"{self.path} has no object labels (run precompute with --annotations)")
             obj = self._store.group["objects"]
-            status = obj["status"][:]
-            keep = status == STATUS_DONE
-            ids = obj["ann_id"][:][keep]
-            order = np.argsort(ids, kind="stable")
-            self._objects = {"ids": ids[order], "index": obj["index"][:][keep][order],
-                             "prob": obj["prob"][:][keep][order]}
+            try:
+                status = obj["status"][:]
+                keep = status == STATUS_DONE
+                ids = obj["ann_id"][:][keep]
+                order = np.argsort(ids, kind="stable")
+                self._objects = {"ids": ids[order], "index": obj["index"][:][keep][order],
+                                 "prob": obj["prob"][:][keep][order]}
+            except ValueError as exc:  # zarr's crc32c mismatch
+                raise StoreError(f"{self.path}: object labels are damaged ({str(exc).splitlines()[0]}); run "
+                                 "`lt-distill store verify`") from exc
+            if (self._objects["index"] < 0).any() or (self._objects["ids"] < 0).any():
+                # Done rows are written full (write_objects_block refuses less): a -1 means a deleted file.
+                raise StoreError(f"{self.path}: object labels marked done are missing (a deleted file?); run "
+                                 "`lt-distill store verify` and rerun precompute --annotations")
         o = self._objects
         ann_ids = np.asarray(ann_ids, dtype=np.int64).reshape(-1)
         pos = np.searchsorted(o["ids"], ann_ids)

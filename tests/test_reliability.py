@@ -440,3 +440,22 @@ def test_non_finite_config_numbers_are_refused(value):
 
     with pytest.raises(ConfigError, match=f"optim.lr: expected a finite number, got {value.lstrip('+')}"):
         train_config(None, [f"optim.lr={value}"])
+
+
+def test_deleted_object_label_file_is_refused_and_recomputed(tmp_path):
+    from lt_distill.store import ObjectBlock
+
+    store = make_store(tmp_path / "s.zarr")
+    store.create_objects(6, block_size=4)
+    k = store.layout.topk
+    for block, n in ((0, 4), (1, 2)):
+        store.write_objects_block(block, ObjectBlock(
+            ann_ids=np.arange(n) + 4 * block, image_ids=np.zeros(n), boxes=np.ones((n, 4)),
+            index=np.tile(np.arange(k, dtype=np.int16), (n, 1)), prob=np.full((n, k), 0.1, np.float16),
+            status=np.ones(n, np.uint8)))
+    (tmp_path / "s.zarr" / "objects" / "index" / "c" / "1" / "0").unlink()
+    assert list(store.objects_blocks_done()) == [True, False]
+    assert "objects/index shard 1: file objects/index/c/1/0 is missing although the shard was written" \
+        in verify_store(tmp_path / "s.zarr")
+    with pytest.raises(StoreError, match="object labels marked done are missing"):
+        LabelReader(tmp_path / "s.zarr").objects([0, 4])
