@@ -91,7 +91,7 @@ def train_cmd(
         "--resume", help="Continue the run in output_dir from its last checkpoint, exactly.")] = False,
     allow_config_changes: Annotated[bool, typer.Option(
         "--allow-config-changes", help="With --resume: apply config values that differ from the checkpoint's "
-                                       "(model, data, optim, max_iters, seed, amp) from here on, and record them; "
+                                       "(method, model, data, optim, seed, amp) from here on, and record them; "
                                        "without it such a resume is refused.")] = False,
     finetune_from: Annotated[Optional[Path], typer.Option(
         "--finetune-from", "--init-from", help="Initialise from this checkpoint's weights; tensors whose name or "

@@ -205,8 +205,9 @@ def train_config(
 
 # What --resume compares between the checkpoint's config and the new one: every section and top-level key
 # that changes what the run trains (the resolved model and data sections include data.batch_size). Output,
-# logging, evaluation and device placement may change freely.
-RESUME_KEYS = ("method", "method_options", "model", "data", "optim", "max_iters", "seed", "amp")
+# logging, evaluation, device placement and max_iters (how far to train: the schedule's steps are absolute
+# iterations, so a longer run is the same run continued) may change freely.
+RESUME_KEYS = ("method", "method_options", "model", "data", "optim", "seed", "amp")
 ONLINE_RESUME_KEYS = ("teacher", "hard_labels")  # online soft labels: the teacher makes the labels
 
 
