@@ -65,6 +65,13 @@ def precompute_cmd(
         "--annotations", help="LVIS annotation JSON: also write object-level labels for its boxes (pooled).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the annotations' images.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made with other settings.")] = False,
+    accept_partial_shards: Annotated[bool, typer.Option(
+        "--accept-partial-shards", help="Mark shards whose file ends early (cut short, empty, not a tar) done "
+        "with the samples read; by default they are left undone and the run exits non-zero.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Check every chunk of an existing store first (as "
+                                         "`store verify` does) and recompute the shards it finds damaged.")] = False,
+    max_image_pixels: Annotated[int, typer.Option(
+        "--max-image-pixels", help="Fail images with more pixels than this as too_large.")] = 100_000_000,
     summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write the run summary here.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --random-init weights.")] = 0,
@@ -83,7 +90,8 @@ def precompute_cmd(
                            synset_wnids=str(synset_wnids) if synset_wnids else "", pseudo_threshold=pseudo_threshold,
                            batch_size=batch_size, workers=workers, threads=threads, shard_capacity=shard_capacity,
                            annotations=str(annotations) if annotations else "", images=str(images) if images else "",
-                           overwrite=overwrite, summary_json=str(summary_json) if summary_json else "",
+                           overwrite=overwrite, accept_partial_shards=accept_partial_shards, repair=repair,
+                           max_image_pixels=max_image_pixels, summary_json=str(summary_json) if summary_json else "",
                            progress=progress)
     run_precompute(cfg, log=lambda line: console.print(line, soft_wrap=True, highlight=False))
 

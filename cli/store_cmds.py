@@ -38,7 +38,10 @@ def info_cmd(store: StorePath, json_out: JsonOut = None) -> None:
     table.add_row("grid", f"{attrs['grid']['spec']} ({attrs['grid']['num_boxes']} boxes)")
     table.add_row("encoding", ", ".join(f"{k}={v}" for k, v in attrs["encoding"].items() if k != "probabilities"))
     table.add_row("source", json.dumps(attrs.get("source", {}))[:300])
-    table.add_row("shards", f"{info['shards']['done']} / {info['shards']['total']} done")
+    table.add_row("shards", f"{info['shards']['done']} / {info['shards']['total']} done (files present; "
+                  "`store verify` checks every chunk)")
+    for shard, problem in info["damaged_shards"].items():
+        table.add_row(f"  damaged shard {shard}", problem)
     table.add_row("rows", ", ".join(f"{k} {v}" for k, v in info["rows"].items()))
     if info["failed_by_reason"]:
         table.add_row("failed by reason", ", ".join(f"{k} {v}" for k, v in info["failed_by_reason"].items()))

@@ -90,6 +90,10 @@ def train_cmd(
                           ] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in output_dir from its last checkpoint, exactly.")] = False,
+    allow_config_changes: Annotated[bool, typer.Option(
+        "--allow-config-changes", help="With --resume: apply config values that differ from the checkpoint's "
+                                       "(method, model, data, optim, seed, amp) from here on, and record them; "
+                                       "without it such a resume is refused.")] = False,
     finetune_from: Annotated[Optional[Path], typer.Option(
         "--finetune-from", "--init-from", help="Initialise from this checkpoint's weights; tensors whose name or "
         "shape differ (e.g. another vocabulary) are skipped and listed (BACL stage 2: the stage-1 model).")] = None,
@@ -130,7 +134,7 @@ def train_cmd(
             raise LtDistillError("give --config FILE (or --resume --output-dir RUN_DIR of an existing run)")
         base = json.loads((run_dir / "config.json").read_text())
     cfg = train_config(config, sets, base=base)
-    result = train(cfg, resume=resume, console=console)
+    result = train(cfg, resume=resume, console=console, allow_config_changes=allow_config_changes)
     if result.final_model is None:  # not rank 0
         return
     table = Table(title=f"training done: {result.iterations} iterations", show_header=False)

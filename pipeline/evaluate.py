@@ -129,14 +129,74 @@ def annotation_format(gt: dict[str, Any]) -> Literal["lvis", "coco"]:
     return "lvis" if is_lvis else "coco"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _box_problem(bbox: Any) -> str | None:
+    """Why ``bbox`` is not an [x, y, w, h] of four finite numbers with w, h >= 0 (None when it is)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox must be [x, y, w, h], got {bbox!r}"
+    if not all(_is_number(v) for v in bbox):
+        return f"bbox must hold four finite numbers, got {bbox!r}"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"bbox has a negative width or height: {bbox!r}"
+    return None
+
+
+def check_annotations(gt: dict[str, Any]) -> None:
+    """Refuse an annotation dict an evaluator would misread: no images, ids that are not integers,
+    annotations missing fields or with a box that is not four finite numbers of non-negative size."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise EvaluationError(f"annotations: '{key}' must be a list")
+    if not gt["images"]:
+        raise EvaluationError("annotations: the file lists no images")
+    for key in ("images", "categories"):
+        for i, item in enumerate(gt[key]):
+            if not isinstance(item, dict) or not _is_int(item.get("id")):
+                raise EvaluationError(f"annotations: {key}[{i}] needs an integer 'id', got {item!r:.120}")
+    img_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for i, a in enumerate(gt["annotations"]):
+        if not isinstance(a, dict):
+            raise EvaluationError(f"annotations[{i}] must be an object, got {a!r:.120}")
+        missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in a]
+        if missing:
+            raise EvaluationError(f"annotations[{i}] lacks {', '.join(missing)}")
+        for k in ("id", "image_id", "category_id"):
+            if not _is_int(a[k]):
+                raise EvaluationError(f"annotations[{i}]: {k} must be an integer, got {a[k]!r:.80}")
+        if a["image_id"] not in img_ids:
+            raise EvaluationError(f"annotations[{i}]: image_id {a['image_id']} is not among the images")
+        if a["category_id"] not in cat_ids:
+            raise EvaluationError(f"annotations[{i}]: category_id {a['category_id']} is not among the categories")
+        problem = _box_problem(a["bbox"])
+        if problem:
+            raise EvaluationError(f"annotations[{i}] (id {a['id']}): {problem}")
+
+
 def _check_detections(gt: dict[str, Any], dets: list[dict[str, Any]]) -> None:
+    """Refuse detections that would be scored wrongly: NaN/inf or negative scores, boxes that are not
+    four finite numbers of non-negative size, ids that are not integers of the annotations."""
     img_ids = {im["id"] for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     for i, d in enumerate(dets):
         if not isinstance(d, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(d):
-            raise EvaluationError(f"detection {i} must have image_id, category_id, bbox and score: {d!r}")
-        if len(d["bbox"]) != 4:
-            raise EvaluationError(f"detection {i}: bbox must be [x, y, w, h], got {d['bbox']!r}")
+            raise EvaluationError(f"detection {i} must have image_id, category_id, bbox and score: {d!r:.200}")
+        problem = _box_problem(d["bbox"])
+        if problem:
+            raise EvaluationError(f"detection {i}: {problem}")
+        if not _is_number(d["score"]) or d["score"] < 0:
+            raise EvaluationError(f"detection {i}: score must be a finite number >= 0, got {d['score']!r:.80}")
+        for k in ("image_id", "category_id"):
+            if not _is_int(d[k]):
+                raise EvaluationError(f"detection {i}: {k} must be an integer, got {d[k]!r:.80}")
         if d["image_id"] not in img_ids:
             raise EvaluationError(f"detection {i}: image_id {d['image_id']} is not in the annotations")
         if d["category_id"] not in cat_ids:
@@ -163,6 +223,7 @@ def evaluate_detections(
     if kind == "lvis" and annotation_format(gt) != "lvis":
         raise EvaluationError("annotations are not LVIS format (categories need 'frequency', images "
                               "'neg_category_ids' and 'not_exhaustive_category_ids')")
+    check_annotations(gt)
     _check_detections(gt, dets)
     keys = LVIS_KEYS if kind == "lvis" else COCO_KEYS
     if not dets:
@@ -361,7 +422,7 @@ def evaluate_model(
     if unknown:
         raise EvaluationError(f"{annotations}: the model's classes include category ids {unknown[:5]} "
                               "that the annotation file does not list")
-    records, categories, _ = load_detection_annotations(annotations)
+    records, categories, _ = load_detection_annotations(annotations, require_boxes=False)
     if max_images:
         records = records[:max_images]
         gt = subset_annotations(gt, [r.image_id for r in records])

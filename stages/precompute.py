@@ -36,7 +36,15 @@ from torch.utils.data import DataLoader
 from ..config import read_json_file
 from ..errors import ConfigError, LtDistillError
 from ..pipeline.grid import GridSpec
-from ..pipeline.shards import ShardChunk, ShardChunks, count_samples, expand_shards
+from ..pipeline.shards import (
+    MAX_IMAGE_PIXELS,
+    READ_ENDS,
+    ShardChunk,
+    ShardChunks,
+    count_samples,
+    expand_shards,
+    source_stat,
+)
 from ..pipeline.teacher import GridCrops, Teacher, TeacherConfig, WholeImage, build_teacher
 from ..pipeline.vocab import (
     HardLabeler,
@@ -56,8 +64,10 @@ from ..store import (
     ObjectBlock,
     ShardResult,
     StoreError,
+    StoreExistsError,
     StoreLayout,
     check_compatible,
+    damaged_shards,
     is_label_store,
 )
 
@@ -92,13 +102,19 @@ class PrecomputeConfig:
     images: str = ""  # folder of the annotations' images
     object_block_size: int = 4096
     overwrite: bool = False
+    # A shard whose read ended early (cut short, empty, not a tar) is not marked done unless accepted:
+    # then the samples read are kept and the shard is done with its read record saying how it ended.
+    accept_partial_shards: bool = False
+    repair: bool = False  # check every chunk of the store first and recompute the shards `store verify` names
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images fail as too_large (decode cost and memory)
     summary_json: str = ""
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("topk", "batch_size", "chunk_size", "prefetch", "object_block_size", "min_image_size"):
+        for name in ("topk", "batch_size", "chunk_size", "prefetch", "object_block_size", "min_image_size",
+                     "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0 or self.shard_capacity < 0 or self.threads < 0:
@@ -271,12 +287,11 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
     cfg, path = job.cfg, Path(job.cfg.store)
 
     def decide() -> str:
-        if not is_label_store(path):
-            if path.exists() and (not path.is_dir() or any(path.iterdir())):
-                raise StoreError(f"{path} exists and is not a label store; refusing to write there")
-            return "create"
-        if cfg.overwrite:
-            return "create"
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())) or cfg.overwrite:
+            return "create"  # LabelStore.create refuses a directory that is not a label store
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path} exists and is not a label store; refusing to write there")
+        # Opening names what is wrong with an old, incomplete or foreign store.
         check_compatible(LabelStore.open(path, "r").attrs, expected_attributes(job), f"label store {path}")
         return "resume"
 
@@ -291,17 +306,62 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
             prov = job.teacher.provenance(cfg.mode)
             layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity, num_crops=job.grid.num_boxes,
                                  topk=cfg.topk, num_classes=len(job.teacher.vocabulary))
-            store = LabelStore.create(
-                path, layout, teacher=prov, vocabulary=job.teacher.vocabulary.names, grid_spec=job.grid.spec,
-                grid_boxes=job.grid.boxes(), residual=cfg.residual,
-                source={"pattern": job.pattern, "num_shards": len(job.urls)},
-                extra={"precompute": job.settings}, overwrite=cfg.overwrite)
-            store.write_text_embeddings(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint)
+            try:
+                LabelStore.create(
+                    path, layout, teacher=prov, vocabulary=job.teacher.vocabulary.names, grid_spec=job.grid.spec,
+                    grid_boxes=job.grid.boxes(), residual=cfg.residual,
+                    source={"pattern": job.pattern, "num_shards": len(job.urls)},
+                    extra={"precompute": job.settings}, overwrite=cfg.overwrite,
+                    text_embeddings=(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint))
+            except StoreExistsError:
+                if cfg.overwrite or not path.exists():
+                    raise
+                # Another job created it at the same moment: resume it (checked below) like any rerun.
 
         _agree(d, create)
     store = LabelStore.open(path, "r+")
     check_compatible(store.attrs, expected_attributes(job), f"label store {path}")
     return store
+
+
+class PartialShardsError(LtDistillError):
+    """Some source shards ended early; everything else was written (the summary lists them)."""
+
+
+def check_existing(job: Job, full: bool) -> dict[str, Any]:
+    """What a rerun must redo in an existing store, and why: absent or damaged text embeddings (rewritten
+    here), written shards with missing files (every chunk's crc32c too when ``full``, i.e. ``--repair``) and
+    source shards whose file changed since they were labelled. Returns {"shards": [...], "lines": [...]}."""
+    store = LabelStore.open(job.cfg.store, "r+")
+    lines = []
+    problem = repair_text_embeddings(job, store)
+    if problem:
+        lines.append(f"text embeddings: {problem}; rewrote them")
+    redo = {}
+    for shard, why in damaged_shards(store.path, full=full).items():
+        redo[shard] = why
+        lines.append(f"shard {shard} ({job.urls[shard]}): {why}; recomputing it")
+    records = store.shard_read_records()
+    num_rows = store.shard_num_rows()
+    for shard, url in enumerate(job.urls):
+        old = {k: records[shard].get(k) for k in ("size", "mtime_ns")}
+        if shard in redo or num_rows[shard] < 0 or old["size"] is None:
+            continue
+        new = source_stat(url)
+        if new != old:
+            redo[shard] = "changed"
+            lines.append(f"shard {shard} ({url}) changed since it was labelled (size {old['size']} -> "
+                         f"{new.get('size')}, mtime changed: {old['mtime_ns'] != new.get('mtime_ns')}); relabelling it")
+    return {"shards": sorted(redo), "lines": lines}
+
+
+def repair_text_embeddings(job: Job, store: LabelStore) -> str | None:
+    """Rewrite the store's text embeddings when they are absent or damaged (a crash during their write);
+    returns what was wrong, None when they were sound. They are part of a complete store."""
+    problem = store.text_embeddings_problem(job.teacher.fingerprint["sha256"])
+    if problem is not None:
+        store.write_text_embeddings(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint, overwrite=True)
+    return problem
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -403,10 +463,18 @@ class ShardLabeler:
                 top_p = gp[:, self.whole, 0].numpy()
                 top_i = gi[:, self.whole, 0]
                 hard[good] = np.where(top_p > self.pseudo_threshold, top_i, -1)
+        reasons[duplicate_rows(keys)] = REASON_CODES["duplicate_key"]
         status = np.where(reasons == 0, STATUS_DONE, STATUS_FAILED).astype(np.uint8)
         hard[status != STATUS_DONE] = -1
         return ShardResult(keys=keys, sizes=sizes, hard_labels=hard, status=status, reasons=reasons,
-                           index=index, prob=prob)
+                           index=index, prob=prob, read=dict(st.chunks[-1].read))
+
+
+def duplicate_rows(keys: list[str]) -> np.ndarray:
+    """(n,) bool: rows whose key occurs more than once in the shard. Every occurrence fails (reason
+    ``duplicate_key``): which of them is "the" image is unknowable, and a key must name one row."""
+    counts = collections.Counter(keys)
+    return np.array([counts[k] > 1 for k in keys], dtype=bool)
 
 
 class _Progress:
@@ -456,7 +524,8 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
     else:
         prepare = WholeImage(teacher.pooled_size)
     dataset = ShardChunks([(s, job.urls[s]) for s in shards], job.labeler, prepare, prepare.output_shape,
-                          chunk_size=cfg.chunk_size, min_image_size=cfg.min_image_size)
+                          chunk_size=cfg.chunk_size, min_image_size=cfg.min_image_size,
+                          max_pixels=cfg.max_image_pixels)
     workers = min(cfg.workers, len(shards))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=cfg.prefetch if workers else None)
@@ -465,7 +534,7 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
     rows_done = store.shard_num_rows()[store.shards_done()]
     per_shard = float(rows_done.mean()) if len(rows_done) else float(store.layout.shard_capacity)
     bar = _Progress(progress, len(shards), per_shard)
-    counts: dict[str, Any] = {"shards": 0, "done": 0, "failed": collections.Counter(), "notes": []}
+    counts: dict[str, Any] = {"shards": 0, "done": 0, "failed": collections.Counter(), "notes": [], "partial": []}
     start = time.perf_counter()
     in_flight: collections.deque = collections.deque()
 
@@ -492,6 +561,13 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
                 counts["notes"].extend(chunk.notes)
                 result = labeler.add(chunk)
                 bar.advance(len(chunk.keys))
+                if result is not None and result.read.get("end", "complete") != "complete":
+                    if not cfg.accept_partial_shards:  # not done: a rerun reads it again
+                        counts["partial"].append(f"shard {chunk.shard} ({job.urls[chunk.shard]}): "
+                                                 f"{READ_ENDS[result.read['end']]}, {len(result)} samples read")
+                        bar.shard_done(len(result))
+                        continue
+                    result.read["accepted"] = True
                 if result is not None:
                     in_flight.append(writer.submit(write, chunk.shard, result))
                     while len(in_flight) > 2:  # bound memory: at most two shards waiting to be written
@@ -515,6 +591,7 @@ def _merge_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "images_failed": sum(failed.values()),
         "failed_by_reason": dict(sorted(failed.items())),
         "notes": [n for p in parts for n in p["notes"]],
+        "partial_shards": sorted(n for p in parts for n in p["partial"]),
         "seconds": max((p["seconds"] for p in parts), default=0.0),
     }
 
@@ -537,7 +614,11 @@ def run_precompute(cfg: PrecomputeConfig, log: Callable[[str], None] = print) ->
         summary["teacher"]["torch_threads"] = torch.get_num_threads()
         if job.urls:
             store = open_or_create_store(job, d)
+            redo = _agree(d, lambda: check_existing(job, cfg.repair))
+            for line in redo["lines"]:
+                say(line)
             done = store.shards_done()
+            done[redo["shards"]] = False
             mine = [s for s in range(d.rank, len(job.urls), d.world) if not done[s]]
             say(f"precompute: {len(job.urls)} shards, {int(done.sum())} already done, "
                 f"{sum(d.gather(len(mine)))} to label ({cfg.mode}, grid {job.grid.spec} K={job.grid.num_boxes}, "
@@ -562,6 +643,11 @@ def run_precompute(cfg: PrecomputeConfig, log: Callable[[str], None] = print) ->
             if cfg.summary_json:
                 Path(cfg.summary_json).parent.mkdir(parents=True, exist_ok=True)
                 Path(cfg.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        partial = summary.get("classification", {}).get("partial_shards", [])
+        if partial:
+            raise PartialShardsError(
+                f"{len(partial)} shard(s) could not be read whole and are not marked done (first: {partial[0]}); "
+                "restore them and rerun, or rerun with --accept-partial-shards to keep the samples read")
         return summary
     finally:
         torch.set_num_threads(threads_before)
@@ -581,6 +667,8 @@ def _print_summary(summary: dict[str, Any], say: Callable[[str], None]) -> None:
             f"{s['images_failed']} failed ({failed})")
         for note in c["notes"]:
             say(f"note: {note}")
+        for line in c.get("partial_shards", []):
+            say(f"not done: {line}")
     o = summary.get("objects")
     if o is not None:
         say(f"objects: {o['done']} of {o['num_objects']} boxes labelled this run in {o['blocks']} blocks, "
@@ -710,6 +798,17 @@ def run_objects(job: Job, d: Dist, say: Callable[[str], None]) -> dict[str, Any]
             "failed_by_reason": dict(sorted(failed.items()))}
 
 
+def _finite_box(bbox: Any) -> tuple[float, float, float, float] | None:
+    """An annotation's xywh box as four finite floats, None when it is anything else (NaN, inf, strings,
+    the wrong length): such a box is failed as ``invalid_box``, never labelled."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None
+    box = tuple(float(v) for v in bbox)
+    return box if all(np.isfinite(box)) else None
+
+
 def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list[dict[str, Any]],
                         items: list[tuple[int, torch.Tensor | None, tuple[int, int]]]) -> tuple[ObjectBlock, list[str]]:
     """Pooled labels for one block's annotations; ``items`` are its images in order of first use.
@@ -735,7 +834,11 @@ def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list
         valid = np.zeros((len(batch), kmax), bool)
         for j, ((_, _, (h, w)), idxs) in enumerate(zip(batch, rows)):
             for slot, i in enumerate(idxs):
-                x, y, bw, bh = (float(v) for v in anns[i]["bbox"])
+                box = _finite_box(anns[i].get("bbox"))
+                if box is None:
+                    reasons[i] = "invalid_box"
+                    continue
+                x, y, bw, bh = box
                 if bw <= 0 or bh <= 0:
                     reasons[i] = "too_small"
                     continue
@@ -755,6 +858,6 @@ def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list
                 index[i], prob[i], status[i] = top_i[j, slot], top_p[j, slot], STATUS_DONE
     block = ObjectBlock(ann_ids=np.array([a["id"] for a in anns], np.int64),
                         image_ids=np.array([a["image_id"] for a in anns], np.int64),
-                        boxes=np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4),
+                        boxes=np.array([_finite_box(a.get("bbox")) or (0, 0, 0, 0) for a in anns], np.float32).reshape(-1, 4),
                         index=index, prob=prob, status=status)
     return block, [r or "undecodable" for r, st in zip(reasons, status) if st != STATUS_DONE]

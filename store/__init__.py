@@ -1,6 +1,6 @@
 """The Zarr label store: the contract between precompute (stage 1) and training (stage 2)."""
 
-from .checks import check_compatible, get_attr, store_bytes, store_info, store_stats, verify_store
+from .checks import check_compatible, damaged_shards, get_attr, store_bytes, store_info, store_stats, verify_store
 from .labelstore import LabelStore, ObjectBlock, ShardResult, is_label_store, vocabulary_sha256
 from .lock import ShardLock
 from .reader import LabelReader
@@ -14,6 +14,7 @@ from .schema import (
     STATUS_MISSING,
     ShardLockedError,
     StoreError,
+    StoreExistsError,
     StoreLayout,
     StoreMismatchError,
 )
@@ -21,8 +22,8 @@ from .topk import decode_topk, encode_topk, kl_divergence, residual_mass
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "REASONS", "REASON_CODES", "STATUS_DONE", "STATUS_FAILED", "STATUS_MISSING",
-    "LabelReader", "LabelStore", "ObjectBlock", "ShardLock", "ShardLockedError", "ShardResult", "StoreError",
-    "StoreLayout", "StoreMismatchError", "check_compatible", "decode_topk", "encode_topk", "get_attr",
+    "LabelReader", "LabelStore", "ObjectBlock", "ShardLock", "ShardLockedError", "ShardResult", "StoreError", "StoreExistsError",
+    "StoreLayout", "StoreMismatchError", "check_compatible", "damaged_shards", "decode_topk", "encode_topk", "get_attr",
     "is_label_store", "kl_divergence", "residual_mass", "store_bytes", "store_info", "store_stats",
     "verify_store", "vocabulary_sha256",
 ]

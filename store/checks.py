@@ -7,13 +7,16 @@ from typing import Any
 
 import numpy as np
 
+from .integrity import ArrayFiles, array_problems
 from .labelstore import LabelStore
 from .schema import (
     REASONS,
     REQUIRED_ATTRS,
+    ROW_ARRAYS,
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_MISSING,
+    StoreError,
     StoreMismatchError,
 )
 from .topk import decode_topk
@@ -64,7 +67,13 @@ def store_bytes(path: Path) -> int:
 def store_info(path: str | Path) -> dict[str, Any]:
     """Attributes (minus the long class list), shapes and row counts."""
     store = LabelStore.open(path, "r")
-    status = store.group["rows/status"][:]
+    damaged = damaged_shards(path, full=False)
+    try:
+        status = store.group["rows/status"][:]
+        reasons = _reason_counts(store)
+    except ValueError as exc:  # a chunk failing its crc32c: no row count is trustworthy
+        raise StoreError(f"{path}: the row status is damaged ({str(exc).splitlines()[0]}); run "
+                         "`lt-distill store verify` to list every problem") from exc
     attrs = dict(store.attrs)
     vocab = dict(attrs.get("vocabulary", {}))
     names = vocab.pop("names", [])
@@ -74,17 +83,20 @@ def store_info(path: str | Path) -> dict[str, Any]:
     grid["num_boxes"] = len(grid.pop("boxes", []))
     attrs["grid"] = grid
     done = store.shards_done()
+    done[list(damaged)] = False
     info = {
         "path": str(path),
         "attributes": attrs,
         "arrays": {name: list(arr.shape) for name, arr in _iter_arrays(store.group)},
-        "shards": {"total": int(len(done)), "done": int(done.sum())},
+        # "done" counts shards whose files are all present; `store verify` checks every chunk's crc32c.
+        "shards": {"total": int(len(done)), "done": int(done.sum()), "damaged": len(damaged)},
+        "damaged_shards": {str(k): v for k, v in damaged.items()},
         "rows": {
             "done": int((status == STATUS_DONE).sum()),
             "failed": int((status == STATUS_FAILED).sum()),
             "missing": int((status == STATUS_MISSING).sum()),
         },
-        "failed_by_reason": _reason_counts(store),
+        "failed_by_reason": reasons,
         "bytes_on_disk": store_bytes(store.path),
     }
     if "objects" in store.group:
@@ -109,8 +121,101 @@ def _reason_counts(store: LabelStore) -> dict[str, int]:
     return {REASONS.get(int(c), f"code{int(c)}"): int(n) for c, n in zip(codes, counts)}
 
 
+def _per_shard(array, count: int, where: str, problems: list[str]) -> tuple[np.ndarray, set[int]]:
+    """Read a (count,) array with one chunk per entry, entry by entry when a chunk is damaged: the values
+    (-1 where unreadable) and the unreadable positions."""
+    try:
+        return array[:], set()
+    except ValueError:
+        values, bad = np.full(count, -1, dtype=np.int64), set()
+        for i in range(count):
+            try:
+                values[i] = array[i]
+            except ValueError as exc:
+                problems.append(f"{where} entry {i} is unreadable ({exc})")
+                bad.add(i)
+        return values, bad
+
+
+def _runs(items: list[int], limit: int) -> list[tuple[int, int]]:
+    """Contiguous runs [start, stop) of sorted ``items``, each at most ``limit`` long."""
+    runs: list[tuple[int, int]] = []
+    for i in items:
+        if runs and runs[-1][1] == i and i - runs[-1][0] < limit:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _check_rows(store: LabelStore, start: int, stop: int, num_rows: np.ndarray, problems: list[str]) -> None:
+    """Row-level consistency of shards [start, stop) (their files already passed the integrity check)."""
+    g, lay = store.group, store.layout
+    cap = lay.shard_capacity
+    lo, hi = start * cap, stop * cap
+    status = g["rows/status"][lo:hi]
+    index = g["labels/index"][lo:hi]
+    prob = g["labels/prob"][lo:hi].astype(np.float32)
+    hard = g["rows/hard_label"][lo:hi]
+    reason = g["rows/reason"][lo:hi]
+    for s in range(start, stop):
+        sl = slice((s - start) * cap, (s - start + 1) * cap)
+        st, n = status[sl], int(num_rows[s])
+        if n < 0 and (st != STATUS_MISSING).any():
+            problems.append(f"shard {s}: rows committed but the shard's row count was never written")
+        if n >= 0 and (st[n:] != STATUS_MISSING).any():
+            problems.append(f"shard {s}: rows committed beyond its row count {n}")
+    done = status == STATUS_DONE
+    rows = np.nonzero(done)[0] + lo
+    if done.any():
+        idx, pr = index[done], prob[done]
+        bad = (idx < 0) | (idx >= lay.num_classes)
+        for r in rows[bad.any(axis=(1, 2))][:5]:
+            problems.append(f"row {r}: class index out of range [0, {lay.num_classes}) or missing (-1)")
+        for r in rows[(pr < 0).any(axis=(1, 2)) | ~np.isfinite(pr).all(axis=(1, 2))][:5]:
+            problems.append(f"row {r}: negative or non-finite probability")
+        for r in rows[(pr.sum(-1) > 1 + 1e-3).any(axis=1)][:5]:
+            problems.append(f"row {r}: probabilities of a crop sum above 1 + 1e-3")
+        for r in rows[(hard[done] < -1) | (hard[done] >= lay.num_classes)][:5]:
+            problems.append(f"row {r}: hard label out of range")
+    failed = status == STATUS_FAILED
+    for r in (np.nonzero(failed & (reason == 0))[0] + lo)[:5]:
+        problems.append(f"row {r}: failed without a reason code")
+    unknown = ~np.isin(status, (STATUS_MISSING, STATUS_DONE, STATUS_FAILED))
+    for r in (np.nonzero(unknown)[0] + lo)[:5]:
+        problems.append(f"row {r}: unknown status code {status[r - lo]}")
+
+
+def damaged_shards(path: str | Path, full: bool = True) -> dict[int, str]:
+    """Source shards whose labels cannot be trusted, with the first problem of each: a written shard with a
+    file missing, an unreadable row count and (``full``: reads every file) a chunk failing its crc32c.
+    ``full`` finds exactly the shards :func:`verify_store` names; without it only file presence is checked
+    (a few stats per shard, what every precompute rerun does)."""
+    store = LabelStore.open(path, "r")
+    problems: list[str] = []
+    num_rows, bad = _per_shard(store.group["shards/num_rows"], store.layout.num_shards, "shards/num_rows", problems)
+    out = {s: problems[i] for i, s in enumerate(sorted(bad))}
+    written = [s for s in range(store.layout.num_shards) if num_rows[s] >= 0]
+    for name in ("shards/read", *ROW_ARRAYS):
+        if full:
+            found, shards = array_problems(store.path / name, written)
+            for s in sorted(shards):
+                out.setdefault(s, next(p for p in found if f" shard {s}:" in p))
+        else:
+            files = ArrayFiles(store.path / name)
+            for s in written:
+                if not files.file(s).is_file():
+                    out.setdefault(s, f"{name} shard {s}: file is missing although the shard was written")
+    if full:
+        found, shards = array_problems(store.path / "shards/num_rows")
+        for s in sorted(shards):
+            out.setdefault(s, next(p for p in found if f" shard {s}:" in p))
+    return dict(sorted(out.items()))
+
+
 def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
-    """List every inconsistency found (empty list = the store is sound)."""
+    """List every inconsistency found (empty list = the store is sound): attributes, every file's
+    integrity (each chunk's crc32c, files of written shards present), text embeddings, and row contents."""
     store = LabelStore.open(path, "r")
     problems: list[str] = []
     for dotted in REQUIRED_ATTRS:
@@ -127,57 +232,64 @@ def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
     except KeyError:
         pass
     g = store.group
-    num_rows = store.shard_num_rows()
-    cap = lay.shard_capacity
-    for start in range(0, lay.num_shards, chunk_shards):
-        stop = min(start + chunk_shards, lay.num_shards)
-        lo, hi = start * cap, stop * cap
-        status = g["rows/status"][lo:hi]
-        index = g["labels/index"][lo:hi]
-        prob = g["labels/prob"][lo:hi].astype(np.float32)
-        hard = g["rows/hard_label"][lo:hi]
-        reason = g["rows/reason"][lo:hi]
-        for s in range(start, stop):
-            sl = slice((s - start) * cap, (s - start + 1) * cap)
-            st, n = status[sl], int(num_rows[s])
-            if n < 0 and (st != STATUS_MISSING).any():
-                problems.append(f"shard {s}: rows committed but the shard's row count was never written")
-            if n >= 0 and (st[n:] != STATUS_MISSING).any():
-                problems.append(f"shard {s}: rows committed beyond its row count {n}")
-        done = status == STATUS_DONE
-        rows = np.nonzero(done)[0] + lo
-        if done.any():
-            idx, pr = index[done], prob[done]
-            bad = (idx < 0) | (idx >= lay.num_classes)
-            for r in rows[bad.any(axis=(1, 2))][:5]:
-                problems.append(f"row {r}: class index out of range [0, {lay.num_classes}) or missing (-1)")
-            for r in rows[(pr < 0).any(axis=(1, 2)) | ~np.isfinite(pr).all(axis=(1, 2))][:5]:
-                problems.append(f"row {r}: negative or non-finite probability")
-            for r in rows[(pr.sum(-1) > 1 + 1e-3).any(axis=1)][:5]:
-                problems.append(f"row {r}: probabilities of a crop sum above 1 + 1e-3")
-            for r in rows[(hard[done] < -1) | (hard[done] >= lay.num_classes)][:5]:
-                problems.append(f"row {r}: hard label out of range")
-        failed = status == STATUS_FAILED
-        for r in (np.nonzero(failed & (reason == 0))[0] + lo)[:5]:
-            problems.append(f"row {r}: failed without a reason code")
-        unknown = ~np.isin(status, (STATUS_MISSING, STATUS_DONE, STATUS_FAILED))
-        for r in (np.nonzero(unknown)[0] + lo)[:5]:
-            problems.append(f"row {r}: unknown status code {status[r - lo]}")
+    num_rows, bad = _per_shard(g["shards/num_rows"], lay.num_shards, "shards/num_rows", problems)
+    written = [s for s in range(lay.num_shards) if num_rows[s] >= 0]
+    for name in ("shards/num_rows", "shards/read", *ROW_ARRAYS):
+        found, shards = array_problems(store.path / name, written if name != "shards/num_rows" else ())
+        problems.extend(found)
+        bad |= shards
+    good = [s for s in range(lay.num_shards) if s not in bad]
+    for start, stop in _runs(good, chunk_shards):
+        _check_rows(store, start, stop, num_rows, problems)
     if "objects" in g:
-        ostatus = g["objects/status"][:]
-        odone = ostatus == STATUS_DONE
-        oidx = g["objects/index"][:][odone]
-        oprob = g["objects/prob"][:][odone].astype(np.float32)
-        if ((oidx < 0) | (oidx >= lay.num_classes)).any():
-            problems.append("objects: class index out of range or missing in done rows")
-        if (oprob < 0).any() or (oprob.sum(-1) > 1 + 1e-3).any():
-            problems.append("objects: negative probabilities or sums above 1 + 1e-3")
-        if (g["objects/ann_id"][:][odone] < 0).any():
-            problems.append("objects: done rows without an annotation id")
-    if "text" in g and "embeddings" in g["text"]:
-        emb = g["text/embeddings"]
-        if emb.shape[0] != lay.num_classes:
-            problems.append(f"text/embeddings has {emb.shape[0]} rows, expected {lay.num_classes}")
+        problems.extend(_verify_objects(store))
+    problems.extend(_verify_text(store))
+    return problems
+
+
+def _verify_objects(store: LabelStore) -> list[str]:
+    g, lay = store.group, store.layout
+    problems: list[str] = []
+    num_blocks = int(g["objects"].attrs["num_blocks"])
+    block_rows, bad = _per_shard(g["objects/block_rows"], num_blocks, "objects/block_rows", problems)
+    written = [b for b in range(num_blocks) if block_rows[b] >= 0]
+    for name in ("block_rows", "ann_id", "image_id", "box", "index", "prob", "status"):
+        found, blocks = array_problems(store.path / "objects" / name, written if name != "block_rows" else ())
+        problems.extend(found)
+        bad |= blocks
+    if bad:
+        return problems  # the content checks below read every block
+    ostatus = g["objects/status"][:]
+    odone = ostatus == STATUS_DONE
+    oidx = g["objects/index"][:][odone]
+    oprob = g["objects/prob"][:][odone].astype(np.float32)
+    if ((oidx < 0) | (oidx >= lay.num_classes)).any():
+        problems.append("objects: class index out of range or missing in done rows")
+    if (oprob < 0).any() or ~np.isfinite(oprob).all() or (oprob.sum(-1) > 1 + 1e-3).any():
+        problems.append("objects: negative or non-finite probabilities, or sums above 1 + 1e-3")
+    if not np.isfinite(g["objects/box"][:][odone]).all():
+        problems.append("objects: non-finite boxes in done rows")
+    if (g["objects/ann_id"][:][odone] < 0).any():
+        problems.append("objects: done rows without an annotation id")
+    return problems
+
+
+def _verify_text(store: LabelStore) -> list[str]:
+    """Text embeddings are part of a complete store when the teacher recorded their fingerprint."""
+    try:
+        expected = get_attr(store.attrs, "teacher.text_fingerprint")
+    except KeyError:
+        expected = None
+    has = "text" in store.group and "embeddings" in store.group["text"]
+    if not has:
+        return ["text/embeddings: absent (the teacher's text embeddings are part of the store)"] if expected else []
+    problems, _ = array_problems(store.path / "text" / "embeddings")
+    if store.group["text/embeddings"].shape[0] != store.layout.num_classes:
+        problems.append(f"text/embeddings has {store.group['text/embeddings'].shape[0]} rows, "
+                        f"expected {store.layout.num_classes}")
+    problem = store.text_embeddings_problem(expected)
+    if problem and not problems:
+        problems.append(f"text/embeddings: {problem}")
     return problems
 
 

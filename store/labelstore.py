@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from .. import __version__
-from .lock import ShardLock
+from .integrity import ArrayFiles
+from .lock import ShardLock, pid_alive
 from .schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     RESIDUAL_POLICIES,
     STATUS_DONE,
     STATUS_FAILED,
+    REQUIRED_ARRAYS,
     STATUS_MISSING,
     StoreError,
+    StoreExistsError,
     StoreLayout,
 )
 
@@ -32,6 +39,12 @@ from .schema import (
 # and decoding dominates a random read. Few rows per inner chunk keep random reads cheap.
 LABEL_COMPRESSOR = BloscCodec(cname="lz4hc", clevel=9, shuffle=BloscShuffle.bitshuffle)
 ROW_COMPRESSOR = ZstdCodec(level=3)
+# Last codec of every chain (inside the shard for sharded arrays): a crc32c per chunk, so a flipped byte
+# anywhere is caught by zarr, by the fast reader and by `store verify` (4 bytes per chunk).
+CHECKSUM = Crc32cCodec()
+# Written shards keep every inner chunk on disk, even one equal to the fill value: then an absent chunk
+# or shard file always means damage (a deleted file), never "all fill".
+WRITE_CONFIG = {"write_empty_chunks": True}
 # Lock files live inside the per-shard bookkeeping arrays' folders: outside every listed group, so
 # zarr/xarray never see them as hierarchy members.
 SHARD_LOCK_DIR = "shards/num_rows/locks"
@@ -58,6 +71,7 @@ class ShardResult:
     reasons: np.ndarray
     index: np.ndarray
     prob: np.ndarray
+    read: dict[str, Any] | None = None  # what was read from the source shard (stored in shards/read)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,9 +105,75 @@ def _open_group(path: Path, mode: str) -> zarr.Group:
     fmt = group.attrs.get("format", {})
     if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr group but not an lt-distill label store (format {fmt!r})")
+    if fmt.get("version") == 1:
+        raise StoreError(f"{path}: store format version 1 has no per-chunk checksums, so its labels cannot be "
+                         "checked; recreate it (lt-distill precompute ... --overwrite)")
     if fmt.get("version") != FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {fmt.get('version')} is not supported (need {FORMAT_VERSION})")
+    missing = [name for name in REQUIRED_ARRAYS if not (path / name / "zarr.json").is_file()]
+    if missing:
+        raise StoreError(f"{path} is an incomplete label store (array {missing[0]} is missing"
+                         f"{f' with {len(missing) - 1} more' if len(missing) > 1 else ''}); it was not created "
+                         "whole: recreate it with --overwrite")
     return group
+
+
+def _check_object_rows(status: np.ndarray, index: np.ndarray, prob: np.ndarray, boxes: np.ndarray,
+                       num_classes: int) -> None:
+    """Refuse object rows a reader could not trust: a done row holds k class indices in [0, C) (a row with
+    fewer valid entries is not a top-k label), finite non-negative probabilities and a finite box."""
+    if not np.isin(status, (STATUS_DONE, STATUS_FAILED)).all():
+        raise StoreError("object block: every status must be done (1) or failed (2)")
+    done = status == STATUS_DONE
+    if not done.any():
+        return
+    if (index[done] < 0).any() or (index[done] >= num_classes).any():
+        raise StoreError(f"object block: a done row must hold k class indices in [0, {num_classes}) "
+                         "(fail the row instead of writing fewer)")
+    if not np.isfinite(prob[done]).all() or (prob[done] < 0).any():
+        raise StoreError("object block: a done row has a negative or non-finite probability")
+    if not np.isfinite(boxes[done]).all():
+        raise StoreError("object block: a done row has a non-finite box")
+
+
+# Hidden sibling a store is built in before it is renamed into place: ".NAME.creating-HOST-PID-TOKEN".
+_BUILD_PREFIX = ".{name}.creating-"
+
+
+def _looks_like_label_store(path: Path) -> bool:
+    """A directory whose group metadata names our format (any version, complete or not): replaceable."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    fmt = meta.get("attributes", {}).get("format") if isinstance(meta, dict) else None
+    return isinstance(fmt, dict) and fmt.get("name") == FORMAT_NAME
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Remove half-built siblings of ``path`` left by killed creators on this host."""
+    host = socket.gethostname()
+    for build in path.parent.glob(_BUILD_PREFIX.format(name=path.name) + "*"):
+        owner = build.name[len(_BUILD_PREFIX.format(name=path.name)):].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not pid_alive(int(owner[1])):
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _move_into_place(build: Path, path: Path, replace: bool) -> None:
+    """Rename the finished ``build`` to ``path`` (atomic on one file system); ``replace`` an old store."""
+    trash = None
+    if replace:
+        trash = path.parent / f".{path.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+    try:
+        os.rename(build, path)  # replaces an empty directory; fails when another creator got there first
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise StoreExistsError(f"a label store was created at {path} by another process at the same time") from None
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def is_label_store(path: str | Path) -> bool:
@@ -131,9 +211,15 @@ class LabelStore:
         source: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
+        text_embeddings: tuple[np.ndarray, dict[str, Any]] | None = None,
     ) -> "LabelStore":
-        """Create an empty store. An existing store is replaced only with ``overwrite=True``; a
-        non-empty directory that is not a label store is never touched."""
+        """Create an empty store (with the teacher's ``text_embeddings``, (C, D) and their fingerprint,
+        when given). An existing store is replaced only with ``overwrite=True``; a non-empty directory that
+        is not a label store is never touched.
+
+        Creation is atomic: the store is built in a hidden sibling directory and renamed into place, so a
+        kill leaves either no store or a whole one, and of two concurrent creators one wins and the other
+        gets :class:`StoreExistsError` (then open the winner's store)."""
         path = Path(path)
         if residual not in RESIDUAL_POLICIES:
             raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
@@ -142,12 +228,30 @@ class LabelStore:
             raise StoreError(f"grid has {len(boxes)} boxes but layout.num_crops is {layout.num_crops}")
         if len(vocabulary) != layout.num_classes:
             raise StoreError(f"vocabulary has {len(vocabulary)} names but layout.num_classes is {layout.num_classes}")
+        replace = False
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            if not is_label_store(path):
+            if not _looks_like_label_store(path):
                 raise StoreError(f"{path} exists and is not a label store; refusing to write there")
             if not overwrite:
-                raise StoreError(f"a label store already exists at {path}; pass --overwrite to replace it")
-            shutil.rmtree(path)
+                raise StoreExistsError(f"a label store already exists at {path}; pass --overwrite to replace it")
+            replace = True
+        _remove_stale_builds(path)
+        build = path.parent / f"{_BUILD_PREFIX.format(name=path.name)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            store = cls._build(build, layout, teacher=teacher, vocabulary=vocabulary, grid_spec=grid_spec, boxes=boxes,
+                               residual=residual, source=source, extra=extra)
+            if text_embeddings is not None:
+                store.write_text_embeddings(*text_embeddings)
+            _move_into_place(build, path, replace)
+        finally:
+            if build.exists():
+                shutil.rmtree(build, ignore_errors=True)
+        return cls.open(path, "r+")
+
+    @classmethod
+    def _build(cls, path: Path, layout: StoreLayout, *, teacher: dict[str, Any], vocabulary: list[str],
+               grid_spec: str, boxes: np.ndarray, residual: str, source: dict[str, Any] | None,
+               extra: dict[str, Any] | None) -> "LabelStore":
         attrs = {
             "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
             "layout": dataclasses.asdict(layout),
@@ -171,23 +275,25 @@ class LabelStore:
         cap, n, kc, kk = layout.shard_capacity, layout.num_rows, layout.num_crops, layout.topk
         rpc = layout.rows_per_chunk
         rows = group.require_group("rows")
-        rows.create_array("key", shape=(n,), dtype=str, chunks=(cap,), shards=(cap,), compressors=[ROW_COMPRESSOR])
+        rows.create_array("key", shape=(n,), dtype=str, chunks=(cap,), shards=(cap,), compressors=[ROW_COMPRESSOR, CHECKSUM])
         rows.create_array("size", shape=(n, 2), dtype="int32", chunks=(cap, 2), shards=(cap, 2),
-                          compressors=[ROW_COMPRESSOR], fill_value=0)
+                          compressors=[ROW_COMPRESSOR, CHECKSUM], fill_value=0)
         rows.create_array("hard_label", shape=(n,), dtype="int32", chunks=(cap,), shards=(cap,),
-                          compressors=[ROW_COMPRESSOR], fill_value=-1)
+                          compressors=[ROW_COMPRESSOR, CHECKSUM], fill_value=-1)
         rows.create_array("reason", shape=(n,), dtype="uint8", chunks=(cap,), shards=(cap,),
-                          compressors=[ROW_COMPRESSOR], fill_value=0)
+                          compressors=[ROW_COMPRESSOR, CHECKSUM], fill_value=0)
         rows.create_array("status", shape=(n,), dtype="uint8", chunks=(cap,), shards=(cap,),
-                          compressors=[ROW_COMPRESSOR], fill_value=STATUS_MISSING)
+                          compressors=[ROW_COMPRESSOR, CHECKSUM], fill_value=STATUS_MISSING)
         labels = group.require_group("labels")
         labels.create_array("index", shape=(n, kc, kk), dtype="int16", chunks=(rpc, kc, kk), shards=(cap, kc, kk),
-                            compressors=[LABEL_COMPRESSOR], fill_value=-1)
+                            compressors=[LABEL_COMPRESSOR, CHECKSUM], fill_value=-1)
         labels.create_array("prob", shape=(n, kc, kk), dtype="float16", chunks=(rpc, kc, kk), shards=(cap, kc, kk),
-                            compressors=[LABEL_COMPRESSOR], fill_value=0.0)
+                            compressors=[LABEL_COMPRESSOR, CHECKSUM], fill_value=0.0)
         shards = group.require_group("shards")
         # One chunk per source shard: each writer touches only its own file.
-        shards.create_array("num_rows", shape=(layout.num_shards,), dtype="int32", chunks=(1,), fill_value=-1)
+        shards.create_array("num_rows", shape=(layout.num_shards,), dtype="int32", chunks=(1,), fill_value=-1,
+                            compressors=[CHECKSUM])
+        shards.create_array("read", shape=(layout.num_shards,), dtype=str, chunks=(1,), compressors=[CHECKSUM])
         return cls(path, group, writable=True)
 
     @classmethod
@@ -205,10 +311,23 @@ class LabelStore:
 
     def shards_done(self) -> np.ndarray:
         """(S,) bool: shards whose rows were all committed (done or failed)."""
-        num_rows = self.shard_num_rows()
-        status = self.group["rows/status"][:].reshape(self.layout.num_shards, self.layout.shard_capacity)
+        lay = self.layout
+        try:
+            num_rows = self.shard_num_rows()
+            status = self.group["rows/status"][:].reshape(lay.num_shards, lay.shard_capacity)
+        except ValueError:  # a damaged chunk (crc32c): decide shard by shard, unreadable = not done
+            return np.array([self._shard_done(s) for s in range(lay.num_shards)], dtype=bool)
         filled = (status != STATUS_MISSING).sum(axis=1)
         return (num_rows >= 0) & (filled == np.maximum(num_rows, 0))
+
+    def _shard_done(self, shard: int) -> bool:
+        cap = self.layout.shard_capacity
+        try:
+            n = int(self.group["shards/num_rows"][shard])
+            filled = int((self.group["rows/status"][shard * cap:(shard + 1) * cap] != STATUS_MISSING).sum())
+        except ValueError:
+            return False
+        return n >= 0 and filled == n
 
     def status_counts(self) -> dict[str, int]:
         status = self.group["rows/status"][:]
@@ -229,6 +348,10 @@ class LabelStore:
         if not self.writable:
             raise StoreError(f"{self.path} was opened read-only")
 
+    def _w(self, name: str) -> zarr.Array:
+        """Array ``name`` for writing (every chunk kept on disk, see :data:`WRITE_CONFIG`)."""
+        return self.group[name].with_config(WRITE_CONFIG)
+
     def shard_lock(self, shard: int) -> ShardLock:
         return ShardLock(self.path / SHARD_LOCK_DIR / f"shard-{shard:06d}.lock", f"shard {shard} of {self.path}")
 
@@ -243,22 +366,28 @@ class LabelStore:
             raise StoreError(f"shard {shard} out of range [0, {lay.num_shards})")
         arrays = self._validate_shard(result)
         lo, hi = shard * lay.shard_capacity, (shard + 1) * lay.shard_capacity
-        g = self.group
+        w = self._w
         with self.shard_lock(shard):
             # Uncommit first, so a rewrite never leaves old "done" rows beside new labels.
-            g["rows/status"][lo:hi] = np.zeros(lay.shard_capacity, np.uint8)
-            g["shards/num_rows"][shard: shard + 1] = np.array([-1], np.int32)
-            g["labels/index"][lo:hi] = arrays["index"]
-            g["labels/prob"][lo:hi] = arrays["prob"]
-            g["rows/key"][lo:hi] = arrays["key"]
-            g["rows/size"][lo:hi] = arrays["size"]
-            g["rows/hard_label"][lo:hi] = arrays["hard_label"]
-            g["rows/reason"][lo:hi] = arrays["reason"]
-            g["shards/num_rows"][shard: shard + 1] = np.array([len(result)], np.int32)
+            w("rows/status")[lo:hi] = np.zeros(lay.shard_capacity, np.uint8)
+            w("shards/num_rows")[shard: shard + 1] = np.array([-1], np.int32)
+            w("labels/index")[lo:hi] = arrays["index"]
+            w("labels/prob")[lo:hi] = arrays["prob"]
+            w("rows/key")[lo:hi] = arrays["key"]
+            w("rows/size")[lo:hi] = arrays["size"]
+            w("rows/hard_label")[lo:hi] = arrays["hard_label"]
+            w("rows/reason")[lo:hi] = arrays["reason"]
+            w("shards/read")[shard: shard + 1] = np.array([json.dumps(result.read or {}, sort_keys=True)])
+            w("shards/num_rows")[shard: shard + 1] = np.array([len(result)], np.int32)
             self._commit_status(lo, hi, arrays["status"])
 
     def _commit_status(self, lo: int, hi: int, status: np.ndarray) -> None:
-        self.group["rows/status"][lo:hi] = status
+        self._w("rows/status")[lo:hi] = status
+
+    def shard_read_records(self) -> list[dict[str, Any]]:
+        """What was read from each source shard when it was labelled (``{}`` where never written):
+        ``members``, ``bytes``, ``end`` (why reading stopped), ``size``/``mtime_ns`` of a local file."""
+        return [json.loads(text) if text else {} for text in self.group["shards/read"][:]]
 
     def _validate_shard(self, r: ShardResult) -> dict[str, np.ndarray]:
         lay = self.layout
@@ -337,8 +466,9 @@ class LabelStore:
             ("status", (m,), "uint8", STATUS_MISSING, ROW_COMPRESSOR),
         ):
             obj.create_array(name, shape=shape, dtype=dtype, chunks=(block_size, *shape[1:]),
-                             shards=(block_size, *shape[1:]), compressors=[comp], fill_value=fill)
-        obj.create_array("block_rows", shape=(num_blocks,), dtype="int32", chunks=(1,), fill_value=-1)
+                             shards=(block_size, *shape[1:]), compressors=[comp, CHECKSUM], fill_value=fill)
+        obj.create_array("block_rows", shape=(num_blocks,), dtype="int32", chunks=(1,), fill_value=-1,
+                         compressors=[CHECKSUM])
 
     def objects_blocks_done(self) -> np.ndarray:
         """(B,) bool: object blocks committed."""
@@ -346,7 +476,13 @@ class LabelStore:
         bs = obj.attrs["block_size"]
         rows = obj["block_rows"][:]
         status = obj["status"][:].reshape(-1, bs)
-        return (rows >= 0) & ((status != STATUS_MISSING).sum(1) == np.maximum(rows, 0))
+        done = (rows >= 0) & ((status != STATUS_MISSING).sum(1) == np.maximum(rows, 0))
+        # A written block with a file missing (deleted) is not done: a rerun recomputes it.
+        for name in ("ann_id", "image_id", "box", "index", "prob"):
+            files = ArrayFiles(self.path / "objects" / name)
+            for block in np.nonzero(done)[0]:
+                done[block] = files.file(int(block)).is_file()
+        return done
 
     def write_objects_block(self, block: int, data: ObjectBlock) -> None:
         """Write one block of object labels (whole Zarr shards, labels first, status last)."""
@@ -364,6 +500,8 @@ class LabelStore:
         status = np.asarray(data.status, np.uint8)
         if np.shape(data.index) != (n, k) or np.shape(data.prob) != (n, k) or np.shape(data.boxes) != (n, 4):
             raise StoreError(f"object block: index/prob must be ({n}, {k}) and boxes ({n}, 4)")
+        _check_object_rows(status, np.asarray(data.index), np.asarray(data.prob, np.float32),
+                           np.asarray(data.boxes, np.float64), self.layout.num_classes)
 
         def pad(values, fill, dtype, tail=()):
             out = np.full((bs, *tail), fill, dtype=dtype)
@@ -373,6 +511,8 @@ class LabelStore:
         lo, hi = block * bs, (block + 1) * bs
         lock = ShardLock(self.path / OBJECT_LOCK_DIR / f"block-{block:06d}.lock", f"object block {block} of {self.path}")
         with lock:
+            obj = {name: self._w(f"objects/{name}") for name in
+                   ("status", "block_rows", "index", "prob", "box", "image_id", "ann_id")}
             obj["status"][lo:hi] = np.zeros(bs, np.uint8)
             obj["block_rows"][block: block + 1] = np.array([-1], np.int32)
             obj["index"][lo:hi] = pad(np.asarray(data.index, np.int16), -1, np.int16, (k,))
@@ -386,20 +526,42 @@ class LabelStore:
     # ------------------------------------------------------------------ text embeddings
     def write_text_embeddings(self, embeddings: np.ndarray, fingerprint: dict[str, Any],
                               overwrite: bool = False) -> None:
-        """Store the teacher's (C, D) class text embeddings (float16) with their fingerprint."""
+        """Store the teacher's (C, D) class text embeddings (float16) with their fingerprint and the
+        SHA-256 of their bytes (so a lost or partial write is detected). Sound embeddings with the same
+        fingerprint are kept; damaged ones are replaced."""
         self._require_writable()
-        emb = np.asarray(embeddings, dtype=np.float16)
+        emb = np.ascontiguousarray(embeddings, dtype=np.float16)
         if emb.ndim != 2 or emb.shape[0] != self.layout.num_classes:
             raise StoreError(f"text embeddings must be ({self.layout.num_classes}, D), got {emb.shape}")
         if "text" in self.group and "embeddings" in self.group["text"]:
-            old = self.group["text/embeddings"]
-            if dict(old.attrs).get("fingerprint") == fingerprint and old.shape == emb.shape and not overwrite:
+            problem = self.text_embeddings_problem(fingerprint.get("sha256"))
+            if problem is None and not overwrite:
                 return
-            if not overwrite:
+            if not overwrite and problem is not None and "fingerprint" in problem:
                 raise StoreError(f"{self.path} already holds text embeddings from another teacher "
                                  "fingerprint; pass --overwrite to replace them")
             del self.group["text/embeddings"]
         text = self.group.require_group("text")
         arr = text.create_array("embeddings", shape=emb.shape, dtype="float16", chunks=emb.shape,
-                                attributes={"fingerprint": fingerprint})
+                                compressors=[CHECKSUM], attributes={"fingerprint": fingerprint,
+                                                                    "sha256": hashlib.sha256(emb.tobytes()).hexdigest()})
         arr[:] = emb
+
+    def text_embeddings_problem(self, fingerprint_sha256: str | None = None) -> str | None:
+        """Why the stored text embeddings cannot be used, or None when they are sound: absent, unreadable
+        (checksum), bytes not matching their recorded SHA-256 (a write cut short), or (when given) a
+        fingerprint other than ``fingerprint_sha256``."""
+        if "text" not in self.group or "embeddings" not in self.group["text"]:
+            return "text embeddings are absent"
+        arr = self.group["text/embeddings"]
+        attrs = dict(arr.attrs)
+        try:
+            data = np.ascontiguousarray(arr[:], dtype=np.float16)
+        except ValueError as exc:  # zarr's crc32c mismatch
+            return f"text embeddings are unreadable ({exc})"
+        if hashlib.sha256(data.tobytes()).hexdigest() != attrs.get("sha256"):
+            return "text embeddings do not match their recorded sha256 (lost or partial write)"
+        have = (attrs.get("fingerprint") or {}).get("sha256")
+        if fingerprint_sha256 is not None and have != fingerprint_sha256:
+            return f"text embeddings have fingerprint {have}, expected {fingerprint_sha256}"
+        return None

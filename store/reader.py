@@ -21,8 +21,9 @@ import google_crc32c
 import numpy as np
 from numcodecs import blosc
 
+from .integrity import ArrayFiles
 from .labelstore import LabelStore
-from .schema import STATUS_DONE, StoreError
+from .schema import ROW_ARRAYS, STATUS_DONE, StoreError
 from .topk import decode_topk
 
 _EMPTY = np.iinfo(np.uint64).max
@@ -47,8 +48,9 @@ class _LRU(collections.OrderedDict):
 class ShardedChunkReader:
     """Reads inner chunks of one sharded Zarr v3 array (sharded along axis 0 only) from its files.
 
-    Supports the codec chain the label store writes (bytes little-endian -> blosc inside the shard,
-    index at the end as bytes + crc32c); anything else raises :class:`StoreError`."""
+    Supports the codec chain the label store writes (bytes little-endian -> blosc -> crc32c inside the
+    shard, index at the end as bytes + crc32c); anything else raises :class:`StoreError`. Every chunk's
+    crc32c is checked when it is read; a mismatch raises :class:`StoreError` naming the shard and rows."""
 
     def __init__(self, array_dir: Path, cache_chunks: int = 4096, max_open_files: int = 64) -> None:
         meta = json.loads((array_dir / "zarr.json").read_text())
@@ -58,7 +60,7 @@ class ShardedChunkReader:
         conf = codecs[0]["configuration"]
         names = [c["name"] for c in conf["codecs"]]
         index_names = [c["name"] for c in conf["index_codecs"]]
-        if names != ["bytes", "blosc"] or conf["codecs"][0]["configuration"].get("endian", "little") != "little" \
+        if names != ["bytes", "blosc", "crc32c"] or conf["codecs"][0]["configuration"].get("endian", "little") != "little" \
                 or index_names != ["bytes", "crc32c"] or conf.get("index_location", "end") != "end":
             raise StoreError(f"{array_dir}: unsupported codec chain {names} / index {index_names}")
         self.dir = array_dir
@@ -75,6 +77,7 @@ class ShardedChunkReader:
         self._sep = sep
         self._files = _LRU(max_open_files, on_evict=os.close)
         self._indexes: dict[int, np.ndarray | None] = {}
+        self._verified: dict[int, np.ndarray] = {}  # per shard: chunks whose crc32c this process checked
         self._chunks = _LRU(cache_chunks)
 
     def _shard_file(self, shard: int) -> Path:
@@ -101,26 +104,47 @@ class ShardedChunkReader:
         else:
             nbytes = self.chunks_per_shard * 16
             size = os.fstat(fd).st_size
-            raw = os.pread(fd, nbytes + 4, size - nbytes - 4)
+            raw = os.pread(fd, nbytes + 4, max(size - nbytes - 4, 0))
             if len(raw) != nbytes + 4 or google_crc32c.value(raw[:nbytes]) != int.from_bytes(raw[nbytes:], "little"):
-                raise StoreError(f"{self._shard_file(shard)}: shard index is corrupt (crc32c mismatch)")
+                raise StoreError(f"{self._shard_file(shard)}: shard index is corrupt or truncated (crc32c "
+                                 f"mismatch, shard {shard}); run `lt-distill store verify`")
             index = np.frombuffer(raw[:nbytes], dtype="<u8").reshape(-1, 2)
+            self._verified[shard] = np.zeros(self.chunks_per_shard, dtype=bool)
         self._indexes[shard] = index
         return index
 
-    def read_chunk(self, shard: int, chunk: int) -> np.ndarray:
-        """Decoded inner chunk ``chunk`` of ``shard``: array of ``chunk_shape`` (fill value when empty)."""
+    def _rows(self, shard: int, chunk: int) -> str:
+        lo = chunk * self.chunk_shape[0]
+        return f"positions {lo}-{lo + self.chunk_shape[0] - 1}"
+
+    def read_chunk(self, shard: int, chunk: int, required: bool = False) -> np.ndarray:
+        """Decoded inner chunk ``chunk`` of ``shard``: array of ``chunk_shape``. An absent chunk reads as
+        the fill value, or raises :class:`StoreError` when ``required`` (its rows are marked done)."""
         key = (shard, chunk)
         out = self._chunks.get(key)
         if out is not None:
             return out
         index = self.shard_index(shard)
         if index is None or index[chunk, 0] == _EMPTY:
-            out = np.broadcast_to(self.fill, self.chunk_shape)
-        else:
-            offset, nbytes = int(index[chunk, 0]), int(index[chunk, 1])
-            raw = os.pread(self._fd(shard), nbytes, offset)
-            out = np.frombuffer(blosc.decompress(raw), dtype=self.dtype).reshape(self.chunk_shape)
+            if required:
+                raise StoreError(f"{self.dir}: shard {shard} ({self._rows(shard, chunk)}) is marked done but its "
+                                 f"data is missing ({self._shard_file(shard).name} deleted?); run `lt-distill store "
+                                 "verify` and rerun precompute to recompute the shards it names")
+            return np.broadcast_to(self.fill, self.chunk_shape)
+        offset, nbytes = int(index[chunk, 0]), int(index[chunk, 1])
+        raw = os.pread(self._fd(shard), nbytes, offset)
+        if len(raw) != nbytes or nbytes < 4:
+            raise StoreError(f"{self.dir}: shard {shard} ({self._rows(shard, chunk)}) is truncated; run "
+                             "`lt-distill store verify` and rerun precompute to recompute it")
+        # Each chunk's crc32c is checked the first time this process reads it (like the shard index, which
+        # is parsed once): re-reads of a verified chunk skip the ~1 us/KB checksum.
+        verified = self._verified[shard]
+        if not verified[chunk]:
+            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise StoreError(f"{self.dir}: shard {shard} ({self._rows(shard, chunk)}) is corrupt (chunk crc32c "
+                                 "mismatch); run `lt-distill store verify` and rerun precompute to recompute it")
+            verified[chunk] = True
+        out = np.frombuffer(blosc.decompress(memoryview(raw)[:-4]), dtype=self.dtype).reshape(self.chunk_shape)
         self._chunks.put(key, out)
         return out
 
@@ -129,6 +153,7 @@ class ShardedChunkReader:
             os.close(fd)
         self._files.clear()
         self._indexes.clear()
+        self._verified.clear()
         self._chunks.clear()
 
 
@@ -138,14 +163,19 @@ class ShardRows:
 
     FIELDS = {"keys": "key", "sizes": "size", "hard_labels": "hard_label", "status": "status", "reasons": "reason"}
 
-    def __init__(self, arrays: dict, lo: int, hi: int, num_rows: int) -> None:
+    def __init__(self, arrays: dict, lo: int, hi: int, num_rows: int, where: str = "") -> None:
         self._arrays, self._lo, self._hi = arrays, lo, hi
         self.num_rows = num_rows
+        self._where = where
 
     def __getattr__(self, name: str) -> np.ndarray:
         if name not in ShardRows.FIELDS:
             raise AttributeError(name)
-        value = self._arrays[ShardRows.FIELDS[name]][self._lo: self._hi]
+        try:
+            value = self._arrays[ShardRows.FIELDS[name]][self._lo: self._hi]
+        except ValueError as exc:  # zarr's crc32c mismatch (or undecodable bytes)
+            raise StoreError(f"{self._where}: rows/{ShardRows.FIELDS[name]} is corrupt ({exc}); run "
+                             "`lt-distill store verify` and rerun precompute to recompute it") from exc
         setattr(self, name, value)
         return value
 
@@ -179,7 +209,11 @@ class LabelReader:
         self._rows = _LRU(self.cache_shards)
         # Opening a zarr array parses its metadata: do it once, not per shard.
         self._row_arrays = {name: self._store.group[f"rows/{name}"] for name in ShardRows.FIELDS.values()}
-        self._num_rows = self._store.shard_num_rows()
+        self._row_files = {name: ArrayFiles(self.path / name) for name in ROW_ARRAYS}
+        try:
+            self._num_rows = self._store.shard_num_rows()
+        except ValueError as exc:  # zarr's crc32c mismatch
+            raise StoreError(f"{self.path}: shards/num_rows is corrupt ({exc}); run `lt-distill store verify`") from exc
         self._key_to_row: dict[str, int] | None = None
         self._objects: dict[str, np.ndarray] | None = None
         self._pid = os.getpid()
@@ -197,7 +231,14 @@ class LabelReader:
         rows = self._rows.get(shard)
         if rows is None:
             cap = self.layout.shard_capacity
-            rows = ShardRows(self._row_arrays, shard * cap, (shard + 1) * cap, int(self._num_rows[shard]))
+            num_rows = int(self._num_rows[shard])
+            if num_rows >= 0:  # a written shard has a file in every per-row array (format 2)
+                absent = [name for name, files in self._row_files.items() if not files.file(shard).is_file()]
+                if absent:
+                    raise StoreError(f"{self.path}: shard {shard} was written but its {absent[0]} file is missing; "
+                                     "run `lt-distill store verify` and rerun precompute to recompute it")
+            rows = ShardRows(self._row_arrays, shard * cap, (shard + 1) * cap, num_rows,
+                             f"{self.path}: shard {shard}")
             self._rows.put(shard, rows)
         return rows
 
@@ -208,7 +249,8 @@ class LabelReader:
             raise StoreError(f"row ({shard}, {position}) is outside the store")
         valid = bool(self.shard_rows(shard).status[position] == STATUS_DONE)
         chunk, r = divmod(position, self.layout.rows_per_chunk)
-        return self._index.read_chunk(shard, chunk)[r], self._prob.read_chunk(shard, chunk)[r], valid
+        return (self._index.read_chunk(shard, chunk, required=valid)[r],
+                self._prob.read_chunk(shard, chunk, required=valid)[r], valid)
 
     def labels_batch(self, shards, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batched :meth:`labels`: (B, K, k) int16, (B, K, k) float16, (B,) bool."""
@@ -225,13 +267,26 @@ class LabelReader:
         return int(self.shard_rows(shard).hard_labels[position])
 
     def locate(self, key: str) -> tuple[int, int]:
-        """(shard, position) of the sample with ``__key__`` == key; KeyError if absent."""
+        """(shard, position) of the sample with ``__key__`` == key; KeyError if absent, StoreError when
+        several rows hold that key (duplicate keys within or across source shards)."""
         self._ensure_open()
         if self._key_to_row is None:
-            keys = self._store.group["rows/key"][:]
-            status = self._store.group["rows/status"][:]
-            self._key_to_row = {str(k): i for i, k in enumerate(keys) if status[i] != 0}
+            try:
+                keys = self._store.group["rows/key"][:]
+                status = self._store.group["rows/status"][:]
+            except ValueError as exc:  # zarr's crc32c mismatch
+                raise StoreError(f"{self.path}: rows/key or rows/status is corrupt ({exc}); run "
+                                 "`lt-distill store verify`") from exc
+            self._key_to_row = {}
+            for i in np.nonzero(status != 0)[0]:
+                # -1 marks a key held by several rows (ambiguous); the rows are found again on demand.
+                self._key_to_row[str(keys[i])] = -1 if str(keys[i]) in self._key_to_row else int(i)
         row = self._key_to_row[key]
+        if row < 0:
+            keys, status = self._store.group["rows/key"][:], self._store.group["rows/status"][:]
+            rows = [divmod(int(i), self.layout.shard_capacity) for i in np.nonzero((keys == key) & (status != 0))[0]]
+            raise StoreError(f"{self.path}: key {key!r} is ambiguous: {len(rows)} rows hold it "
+                             f"(shard, position) {rows[:4]}")
         return divmod(row, self.layout.shard_capacity)
 
     def decode(self, index: np.ndarray, prob: np.ndarray) -> np.ndarray:
@@ -250,12 +305,20 @@ class LabelReader:
             if "objects" not in self._store.group:
                 raise StoreError(f"{self.path} has no object labels (run precompute with --annotations)")
             obj = self._store.group["objects"]
-            status = obj["status"][:]
-            keep = status == STATUS_DONE
-            ids = obj["ann_id"][:][keep]
-            order = np.argsort(ids, kind="stable")
-            self._objects = {"ids": ids[order], "index": obj["index"][:][keep][order],
-                             "prob": obj["prob"][:][keep][order]}
+            try:
+                status = obj["status"][:]
+                keep = status == STATUS_DONE
+                ids = obj["ann_id"][:][keep]
+                order = np.argsort(ids, kind="stable")
+                self._objects = {"ids": ids[order], "index": obj["index"][:][keep][order],
+                                 "prob": obj["prob"][:][keep][order]}
+            except ValueError as exc:  # zarr's crc32c mismatch
+                raise StoreError(f"{self.path}: object labels are damaged ({str(exc).splitlines()[0]}); run "
+                                 "`lt-distill store verify`") from exc
+            if (self._objects["index"] < 0).any() or (self._objects["ids"] < 0).any():
+                # Done rows are written full (write_objects_block refuses less): a -1 means a deleted file.
+                raise StoreError(f"{self.path}: object labels marked done are missing (a deleted file?); run "
+                                 "`lt-distill store verify` and rerun precompute --annotations")
         o = self._objects
         ann_ids = np.asarray(ann_ids, dtype=np.int64).reshape(-1)
         pos = np.searchsorted(o["ids"], ann_ids)

@@ -11,11 +11,17 @@ A store is one Zarr v3 group::
     labels/index   (N, K, k)   int16    top-k class indices per grid crop (-1 = empty)
     labels/prob    (N, K, k)   float16  their probabilities, descending  <- written first
     shards/num_rows(S,)        int32    rows used by each source shard (-1 = never written)
+    shards/read    (S,)        string   JSON record of what was read from each source shard
     objects/...                         object-level labels, addressed by annotation id
     text/embeddings(C, D)      float16  the teacher's class text embeddings
 
 Row ``r`` of source shard ``s`` lives at ``s * shard_capacity + r``: each source shard owns exactly one
 Zarr shard of every per-row array, so one writer per shard never shares a file with another writer.
+
+Integrity (format version 2): every chunk of every array ends with a crc32c (zarr v3's ``crc32c`` codec,
+last in the codec chain, inside the sharding codec for sharded arrays), and a written shard has every
+inner chunk on disk (written even when it equals the fill value), so a deleted or damaged file is always
+detectable. Version 1 stores carry no chunk checksums and are refused (see :data:`FORMAT_VERSION`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import dataclasses
 from ..errors import LtDistillError
 
 FORMAT_NAME = "lt-distill-labels"
-FORMAT_VERSION = 1
+# 2: crc32c per chunk, every chunk of a written shard present, shards/read records. Version 1 stores
+# are refused rather than read unchecked: a label store must never return a label it cannot vouch for.
+FORMAT_VERSION = 2
 
 STATUS_MISSING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 STATUS_NAMES = {STATUS_MISSING: "missing", STATUS_DONE: "done", STATUS_FAILED: "failed"}
@@ -40,10 +48,19 @@ REASONS: dict[int, str] = {
     5: "unknown_label",      # the label names a class outside the class list
     6: "too_small",          # image too small to crop
     7: "teacher_error",      # non-finite teacher output
+    8: "duplicate_key",      # the same __key__ more than once in a shard (every occurrence fails)
+    9: "too_large",          # more decoded pixels than the configured cap
+    10: "invalid_box",       # object box with non-finite coordinates or a non-positive size
 }
 REASON_CODES: dict[str, int] = {name: code for code, name in REASONS.items()}
 
 RESIDUAL_POLICIES = ("renormalise", "spread")
+
+# Arrays every store has (their zarr.json must exist: a store missing one was not created whole).
+REQUIRED_ARRAYS = ("rows/key", "rows/size", "rows/hard_label", "rows/reason", "rows/status", "labels/index",
+                   "labels/prob", "shards/num_rows", "shards/read")
+# Arrays with one row per image: a written source shard has one complete Zarr shard in each.
+ROW_ARRAYS = ("rows/key", "rows/size", "rows/hard_label", "rows/reason", "rows/status", "labels/index", "labels/prob")
 
 # Attributes every store must carry (dotted paths into the attribute tree).
 REQUIRED_ATTRS = (
@@ -69,6 +86,10 @@ REQUIRED_ATTRS = (
 
 class StoreError(LtDistillError):
     """The path is not a usable label store, or an operation on it is invalid."""
+
+
+class StoreExistsError(StoreError):
+    """A store already exists where one was to be created (possibly made by a concurrent process)."""
 
 
 class StoreMismatchError(StoreError):

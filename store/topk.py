@@ -5,7 +5,8 @@ The stored probabilities are the teacher's own (not renormalised), so the residu
 turns them back into a full distribution:
 
 * ``renormalise``: the k kept classes are rescaled to sum to one; everything else is zero.
-* ``spread``: the kept classes keep their mass; the residual is spread evenly over the other C - k.
+* ``spread``: the kept classes keep their mass; the residual is spread evenly over the other C - k
+  (C minus the valid entries, for a row holding fewer than k).
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ def decode_topk(index: np.ndarray, prob: np.ndarray, num_classes: int, residual:
     p = np.asarray(prob, dtype=np.float32)
     valid = index >= 0
     p = np.where(valid, p, 0.0)
-    k = index.shape[-1]
     kept = p.sum(axis=-1, keepdims=True)
     lead = index.shape[:-1]
     full = np.zeros((*lead, num_classes), dtype=np.float32)
     if residual == "renormalise":
         values = p / np.maximum(kept, 1e-12)
     else:
-        rest = np.clip(1.0 - kept, 0.0, None) / max(num_classes - k, 1)
+        # Over the classes not kept: C minus the row's valid entries (a row may hold fewer than k).
+        rest = np.clip(1.0 - kept, 0.0, None) / np.maximum(num_classes - valid.sum(axis=-1, keepdims=True), 1)
         full += rest * valid.any(axis=-1, keepdims=True)
         values = p
     where = np.nonzero(valid)  # leading coordinates of every kept entry, then its slot

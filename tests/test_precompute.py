@@ -145,10 +145,11 @@ def test_bad_samples_are_recorded_and_the_job_goes_on(tmp_path, lvis):
     cfg = PrecomputeConfig(store=str(tmp_path / "store"), shards=str(tmp_path / "bad-{0..2}.tar"), grid="coarse",
                            shard_capacity=8, class_list=str(tmp_path / "classes.txt"), workers=2,
                            teacher=TeacherConfig(model="lt-tiny-rn", random_init=True, templates="single"),
-                           progress=False)
+                           accept_partial_shards=True, progress=False)  # shard 0 ends inside e.jpg
     summary = run_precompute(cfg, log=lambda _m: None)["classification"]
     store = LabelStore.open(tmp_path / "store")
     assert store.shards_done().all() and list(store.shard_num_rows()) == [5, 0, 2]
+    assert store.shard_read_records()[0]["end"] == "member_cut_short"
     status, reason = store.group["rows/status"][:], store.group["rows/reason"][:]
     keys = store.group["rows/key"][:]
     assert list(keys[:5]) == ["a", "b", "c", "d", "e"]

@@ -20,6 +20,7 @@ from lt_distill.store import (
     StoreLayout,
     StoreMismatchError,
     check_compatible,
+    damaged_shards,
     decode_topk,
     encode_topk,
     kl_divergence,
@@ -267,7 +268,7 @@ def test_verify_finds_corruption(tmp_path):
     bad = g["labels/prob"][0:24]
     bad[3, 1, 0] = 0.9
     bad[3, 1, 1] = 0.9                                               # sums above one
-    g["labels/prob"][0:24] = bad
+    g["labels/prob"].with_config({"write_empty_chunks": True})[0:24] = bad  # as the writer does
     attrs = dict(g.attrs)
     del attrs["lt_distill_version"]
     g.attrs.put(attrs)
@@ -308,7 +309,7 @@ def test_cli_info_verify_stats(tmp_path):
     g = LabelStore.open(path, "r+").group
     idx = g["labels/index"][0:24]
     idx[0, 0, 0] = 999
-    g["labels/index"][0:24] = idx
+    g["labels/index"].with_config({"write_empty_chunks": True})[0:24] = idx
     proc = _cli("store", "verify", str(path))
     assert proc.returncode == 1 and "row 0: class index out of range" in proc.stdout
 
@@ -323,3 +324,123 @@ def test_bench_store_small(tmp_path):
     # k=4 of a CLIP-like distribution leaves mass behind; KL(renormalised) is -log(1 - residual) >= residual
     assert result["kl_renormalise_mean_nats"] >= result["residual_mass_mean"] > 0
     assert 0 < result["teacher_top1_prob_mean"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- integrity
+def _flip_byte(path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _chunk_extent(path, chunks_per_shard: int, chunk: int) -> tuple[int, int]:
+    """(offset, nbytes) of inner chunk ``chunk`` from a shard file's index (Zarr v3 sharding, index at end)."""
+    raw = path.read_bytes()
+    index = np.frombuffer(raw[-(chunks_per_shard * 16 + 4):-4], dtype="<u8").reshape(-1, 2)
+    return int(index[chunk, 0]), int(index[chunk, 1])
+
+
+@pytest.mark.parametrize("array", ["labels/index", "labels/prob"])
+def test_flipped_byte_in_a_label_chunk_is_refused_by_reader_and_verify(tmp_path, array):
+    """Issue 15.1: a damaged label chunk used to read as valid labels and verify said OK."""
+    path = tmp_path / "s.zarr"
+    store = make_store(path)
+    for s in range(3):
+        store.write_shard(s, make_result(s, 20))
+    shard_file = path / array / "c" / "1" / "0" / "0"
+    offset, nbytes = _chunk_extent(shard_file, LAYOUT.shard_capacity // LAYOUT.rows_per_chunk, 1)
+    _flip_byte(shard_file, offset + nbytes // 2)          # inside chunk 1 of shard 1 (rows 8-15)
+    reader = LabelReader(path)
+    reader.labels(1, 0)                                    # other chunks of the shard still read
+    reader.labels(2, 9)
+    with pytest.raises(StoreError, match=r"shard 1 \(positions 8-15\) is corrupt \(chunk crc32c mismatch\)"):
+        reader.labels(1, 9)
+    problems = verify_store(path)
+    assert problems == [f"{array} shard 1: 1 inner chunk(s) fail their crc32c (first: chunk 1)"], problems
+    proc = _cli("store", "verify", str(path))
+    assert proc.returncode == 1 and f"{array} shard 1" in proc.stdout
+
+
+def test_flipped_byte_in_row_metadata_and_shard_index_is_found(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = make_store(path)
+    store.write_shard(0, make_result(0, 20))
+    store.write_shard(1, make_result(1, 20))
+    _flip_byte(path / "rows" / "hard_label" / "c" / "0", 3)       # inside the only chunk of shard 0
+    size = (path / "labels" / "index" / "c" / "1" / "0" / "0").stat().st_size
+    _flip_byte(path / "labels" / "index" / "c" / "1" / "0" / "0", size - 10)  # shard 1's index
+    problems = verify_store(path)
+    assert "rows/hard_label shard 0: 1 inner chunk(s) fail their crc32c (first: chunk 0)" in problems
+    assert "labels/index shard 1: shard index is truncated or corrupt (crc32c mismatch)" in problems
+    reader = LabelReader(path)
+    with pytest.raises(StoreError, match="shard 0: rows/hard_label is corrupt"):
+        reader.hard_label(0, 3)
+    with pytest.raises(StoreError, match="shard index is corrupt"):
+        reader.labels(1, 3)
+
+
+def test_deleted_label_shard_file_is_refused_by_reader_and_verify(tmp_path):
+    """Issue 15.2: a deleted label shard file used to read as all-zero labels marked valid."""
+    path = tmp_path / "s.zarr"
+    store = make_store(path)
+    for s in range(3):
+        store.write_shard(s, make_result(s, 20))
+    (path / "labels" / "prob" / "c" / "2" / "0" / "0").unlink()
+    (path / "rows" / "size" / "c" / "1" / "0").unlink()
+    reader = LabelReader(path)
+    with pytest.raises(StoreError, match="shard 2 was written but its labels/prob file is missing"):
+        reader.labels(2, 0)
+    with pytest.raises(StoreError, match="shard 1 was written but its rows/size file is missing"):
+        reader.labels(1, 0)
+    reader.labels(0, 0)
+    problems = verify_store(path)
+    assert "labels/prob shard 2: file labels/prob/c/2/0/0 is missing although the shard was written" in problems
+    assert "rows/size shard 1: file rows/size/c/1/0 is missing although the shard was written" in problems
+    assert damaged_shards(path).keys() == {1, 2}
+
+
+def test_format_1_and_incomplete_stores_are_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    make_store(path)
+    (path / "rows" / "status" / "zarr.json").unlink()
+    with pytest.raises(StoreError, match="incomplete label store .*rows/status is missing"):
+        LabelStore.open(path)
+    path = tmp_path / "old.zarr"
+    make_store(path)
+    g = LabelStore.open(path, "r+").group
+    attrs = dict(g.attrs)
+    attrs["format"] = {"name": "lt-distill-labels", "version": 1}
+    g.attrs.put(attrs)
+    with pytest.raises(StoreError, match="format version 1 has no per-chunk checksums"):
+        LabelReader(path)
+
+
+def test_object_rows_must_be_full(tmp_path):
+    """Issue 10.10: a done object row with fewer than k valid entries is refused."""
+    store = make_store(tmp_path / "s.zarr")
+    store.create_objects(3, block_size=4)
+    k = LAYOUT.topk
+    index = np.tile(np.arange(k, dtype=np.int16), (3, 1))
+    prob = np.full((3, k), 0.1, np.float16)
+    index[1, 2:] = -1
+    block = ObjectBlock(ann_ids=np.arange(3), image_ids=np.zeros(3), boxes=np.ones((3, 4)), index=index, prob=prob,
+                        status=np.array([1, 1, 2], np.uint8))
+    with pytest.raises(StoreError, match="must hold k class indices"):
+        store.write_objects_block(0, block)
+    block.status[1] = 2
+    block.boxes[0, 0] = np.nan
+    with pytest.raises(StoreError, match="non-finite box"):
+        store.write_objects_block(0, block)
+    block.boxes[0, 0] = 1.0
+    store.write_objects_block(0, block)
+    assert verify_store(tmp_path / "s.zarr") == []
+
+
+def test_spread_divides_by_the_classes_not_kept():
+    """Issue 10.10: a row with 2 valid entries of 4 spreads its residual over C - 2 classes (sum 1)."""
+    index = np.array([[3, 7, -1, -1], [1, 2, 4, 5]], np.int16)
+    prob = np.array([[0.5, 0.3, 0, 0], [0.4, 0.3, 0.1, 0.1]], np.float16)
+    full = decode_topk(index, prob, 10, "spread")
+    np.testing.assert_allclose(full.sum(-1), [1.0, 1.0], atol=1e-3)
+    np.testing.assert_allclose(full[0, 0], (1 - 0.5 - 0.3) / 8, rtol=1e-3)
+    np.testing.assert_allclose(full[1, 0], (1 - 0.9) / 6, rtol=1e-2)

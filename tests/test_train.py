@@ -283,3 +283,23 @@ def test_torchrun_two_gloo_processes_average_gradients(dataset, tmp_path):
     assert sorted(json.loads(Path(merged["detections"]).read_text()), key=key) == \
         sorted(json.loads((tmp_path / "single.json").read_text()), key=key)
     assert merged["metrics"] == single.metrics
+
+
+def test_resume_refuses_a_changed_optimizer_by_name_unless_allowed(dataset, tmp_path):
+    """Issue 15.7: --resume used to ignore a changed optim.lr while config.json recorded the new value."""
+    from lt_distill.errors import LtDistillError
+    from lt_distill.stages.train.loop import train
+
+    ds, store = dataset
+    base = _config(ds, store, tmp_path / "run", max_iters=2, checkpoint_every=2)
+    train(train_config(None, [], base=base))
+    changed = ["max_iters=3", "optim.lr=5e-4", "data.batch_size=1"]     # max_iters alone may change
+    with pytest.raises(LtDistillError, match=r"in 2 value\(s\) \(data.batch_size: .*optim.lr: checkpoint 0.0001, "
+                                             r"config 0.0005\)"):
+        train(train_config(None, changed, base=base), resume=True)
+    train(train_config(None, ["max_iters=3", "checkpoint_every=1", "optim.lr=2e-4"], base=base), resume=True,
+          allow_config_changes=True, console=Console(file=io.StringIO()))
+    record = json.loads((tmp_path / "run" / "resume_changes.jsonl").read_text())
+    assert record == {"iteration": 2, "changes": ["optim.lr: checkpoint 0.0001, config 0.0002"]}
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "iter_0000003.pt", weights_only=True)
+    assert ckpt["config"]["optim"]["lr"] == 2e-4

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from torch.utils.data import Dataset
 from ...errors import LtDistillError
 from . import transforms as T
 from .labels import ObjectSoftLabels
+
+log = logging.getLogger("lt_distill.data")
 
 # Give up (a clear error, not a silent loop) after this many unreadable images in a row.
 MAX_CONSECUTIVE_FAILURES = 50
@@ -56,8 +59,13 @@ def _candidate_paths(img: dict[str, Any]) -> tuple[str, ...]:
     return ()
 
 
-def load_detection_annotations(path: str | Path) -> tuple[list[ImageRecord], list[dict[str, Any]], dict[str, int]]:
-    """Read LVIS/COCO JSON -> (records sorted by image id, categories sorted by id, skipped counts)."""
+def load_detection_annotations(path: str | Path, require_boxes: bool = True
+                               ) -> tuple[list[ImageRecord], list[dict[str, Any]], dict[str, int]]:
+    """Read LVIS/COCO JSON -> (records sorted by image id, categories sorted by id, skipped counts).
+
+    Every skipped annotation or image is counted by reason, and the counts are logged as a warning (a
+    file whose boxes are silently dropped would train with every detection loss 0). ``require_boxes``:
+    refuse a file in which no annotation is usable."""
     path = Path(path)
     if not path.is_file():
         raise LtDistillError(f"detection annotations not found: {path}")
@@ -84,19 +92,27 @@ def load_detection_annotations(path: str | Path) -> tuple[list[ImageRecord], lis
             continue
         images[img["id"]] = {"paths": paths, "h": h, "w": w, "anns": []}
 
+    usable = 0
     for ann in data["annotations"]:
-        img = images.get(ann.get("image_id"))
-        box = ann.get("bbox")
+        if not isinstance(ann, dict):
+            skipped["bad_annotation"] += 1
+            continue
+        image_id, box = ann.get("image_id"), ann.get("bbox")
+        img = images.get(image_id) if isinstance(image_id, int) else None
         if not isinstance(ann.get("id"), int):
             skipped["bad_annotation"] += 1
         elif img is None:
             skipped["unknown_image"] += 1
-        elif ann.get("category_id") not in cat_index:
+        elif "category_id" not in ann:
+            skipped["missing_category_id"] += 1
+        elif not isinstance(ann["category_id"], int) or ann["category_id"] not in cat_index:
             skipped["unknown_category"] += 1
         elif ann.get("iscrowd", 0):
             skipped["crowd"] += 1
+        elif box is None:
+            skipped["missing_bbox"] += 1
         elif not (isinstance(box, list) and len(box) == 4 and all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
             skipped["bad_bbox"] += 1
         else:
             x0, y0 = min(max(box[0], 0.0), img["w"]), min(max(box[1], 0.0), img["h"])
@@ -107,6 +123,13 @@ def load_detection_annotations(path: str | Path) -> tuple[list[ImageRecord], lis
             area = ann.get("area")
             area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else (x1 - x0) * (y1 - y0)
             img["anns"].append((x0, y0, x1, y1, cat_index[ann["category_id"]], ann["id"], area))
+            usable += 1
+    if skipped:
+        log.warning("%s: skipped %s", path, ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if require_boxes and not usable:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "the file has none"
+        raise LtDistillError(f"{path}: no usable box among {len(data['annotations'])} annotations ({detail}); "
+                             "each needs an integer id, a known image_id and category_id, and bbox [x, y, w, h]")
 
     records = []
     for image_id in sorted(images):

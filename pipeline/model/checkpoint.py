@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LtDistillError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False, which would run arbitrary code: never pass it on.
+        raise LtDistillError(f"{path} is not an lt-distill checkpoint: it holds Python objects other than "
+                             "tensors and plain values, and checkpoints are only read as weights") from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise LtDistillError(f"cannot read checkpoint {path}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LtDistillError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise LtDistillError(f"{path} is not an lt-distill checkpoint (needs 'model' and 'config' entries)")
     return ckpt

@@ -20,6 +20,8 @@ plain Python values.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 from pathlib import Path
@@ -70,9 +72,20 @@ def _as_tuple(x: Any) -> Any:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` through ``path.tmp`` (renamed when whole). A failed write removes the
+    ``.tmp`` and raises :class:`LtDistillError` (a full disk says so)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        # Through a Python file: torch's own file writer turns ENOSPC into an opaque RuntimeError.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise LtDistillError(f"cannot write checkpoint {path}: {reason} (removed the partial {tmp.name})") from exc
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -106,6 +119,27 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
             return path
     found = sorted(directory.glob("iter_*.pt"))
     return found[-1] if found else None
+
+
+def load_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest intact training checkpoint of a run: (path, state, notes). A newest checkpoint that cannot
+    be read (cut short by a crash or a full disk) is passed over for the one before, and ``notes`` say so."""
+    directory = checkpoint_dir(output_dir)
+    newest = last_checkpoint(output_dir)
+    candidates = ([newest] if newest is not None else []) + sorted(directory.glob("iter_*.pt"), reverse=True)
+    notes: list[str] = []
+    for path in dict.fromkeys(candidates):
+        try:
+            state = load_training_checkpoint(path)
+        except LtDistillError as exc:
+            notes.append(f"skipping {path.name}: {exc}")
+            continue
+        if notes:
+            notes.append(f"resuming from the previous intact checkpoint {path.name}")
+        return path, state, notes
+    if not notes:
+        raise LtDistillError(f"--resume: {output_dir} has no checkpoint to resume from")
+    raise LtDistillError(f"--resume: no intact checkpoint in {directory} ({'; '.join(notes)})")
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -146,3 +180,15 @@ def load_finetune_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> 
     report["missing"] = sorted(set(own) - set(source))
     model.load_state_dict(take, strict=False)
     return report
+
+
+RESUME_CHANGES = "resume_changes.jsonl"
+
+
+def record_resume_changes(output_dir: str | Path, iteration: int, changes: list[str]) -> Path:
+    """Append the config changes a ``--resume --allow-config-changes`` applied at ``iteration`` to
+    ``<output_dir>/resume_changes.jsonl`` (config.json and later checkpoints hold the new values)."""
+    path = Path(output_dir) / RESUME_CHANGES
+    with open(path, "a") as f:
+        f.write(json.dumps({"iteration": int(iteration), "changes": changes}) + "\n")
+    return path

@@ -208,3 +208,31 @@ def train_config(
         data = deep_merge(data, load_config_file(path))
     return from_dict(TrainConfig, apply_overrides(data, overrides or []))
 
+
+
+# What --resume compares between the checkpoint's config and the new one: every section and top-level key
+# that changes what the run trains (the resolved model and data sections include data.batch_size). Output,
+# logging, evaluation, device placement and max_iters (how far to train: the schedule's steps are absolute
+# iterations, so a longer run is the same run continued) may change freely.
+RESUME_KEYS = ("method", "method_options", "model", "data", "optim", "seed", "amp")
+ONLINE_RESUME_KEYS = ("teacher", "hard_labels")  # online soft labels: the teacher makes the labels
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any], online: bool) -> list[str]:
+    """Every run-changing value that differs, as ``"optim.lr: checkpoint 0.0001, config 0.0002"`` (dotted
+    paths, nested sections flattened)."""
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                out.update(flat(item, f"{prefix}.{key}"))
+            return out
+        return {prefix: value}
+
+    diffs = []
+    for key in RESUME_KEYS + (ONLINE_RESUME_KEYS if online else ()):
+        a, b = flat(saved.get(key), key), flat(current.get(key), key)
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                diffs.append(f"{name}: checkpoint {a.get(name)!r}, config {b.get(name)!r}")
+    return diffs

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -55,13 +56,14 @@ from ...store import LabelReader
 from .checkpoint import (
     last_checkpoint,
     load_finetune_weights,
-    load_training_checkpoint,
+    load_resume_checkpoint,
+    record_resume_changes,
     rng_state,
     save_final_model,
     save_training_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig
+from .config import TrainConfig, resume_differences
 from .monitor import TrainMonitor
 from .online import OnlineLabels, build_online_labels
 from .optim import build_optimizer, build_scheduler
@@ -196,16 +198,6 @@ def _float_outputs(x: Any) -> Any:
     return x
 
 
-def _compare_resolved(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    diffs = []
-    for section in sections:
-        a, b = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
-    return diffs
-
-
 class _Window:
     """Per-source means of the logged scalars since the last log."""
 
@@ -234,23 +226,30 @@ class _Window:
 
 
 def train(cfg: TrainConfig, resume: bool = False, console: Console | None = None,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
+          allow_config_changes: bool = False) -> TrainResult:
     """Run (or, with ``resume``, continue) the training described by ``cfg``; see the module docstring.
+    ``allow_config_changes``: resume although run-changing values differ from the checkpoint's (each is
+    printed and recorded in ``resume_changes.jsonl``); without it they are refused by name.
 
     ``on_step(iteration, losses)`` is called after every optimizer step (on every rank) with the
     rank's own loss values; raising from it stops the run (checkpoints stay as they are)."""
     info = init_distributed(cfg.device, cfg.ddp_backend)
     try:
-        return _train(cfg, resume, info, console or Console(stderr=True), on_step)
+        return _train(cfg, resume, info, console or Console(stderr=True), on_step, allow_config_changes)
     finally:
         cleanup(info)
 
 
 def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
-           on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+           on_step: Callable[[int, dict[str, float]], None] | None, allow_config_changes: bool = False) -> TrainResult:
     out = Path(cfg.output_dir)
     resolved = cfg.resolved()
-    ckpt = _checkpoint_to_resume(cfg, resolved, resume)
+    ckpt, changes = _checkpoint_to_resume(cfg, resolved, resume, allow_config_changes)
+    if changes and info.is_main:
+        record_resume_changes(out, ckpt["iteration"], changes)
+        console.print(f"--resume with config changes at iteration {ckpt['iteration']} (recorded in "
+                      f"{out / 'resume_changes.jsonl'}): " + "; ".join(changes))
 
     seed_everything(cfg.seed + info.rank)
     data_cfg, model_cfg = cfg.data_config(), cfg.model_config()
@@ -363,28 +362,28 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
     )
 
 
-def _checkpoint_to_resume(cfg: TrainConfig, resolved: dict[str, Any], resume: bool) -> dict[str, Any] | None:
-    """The checkpoint ``--resume`` continues from (refused if the config changed), else None; a fresh run
-    refuses an output folder that already holds checkpoints."""
+def _checkpoint_to_resume(cfg: TrainConfig, resolved: dict[str, Any], resume: bool,
+                          allow_changes: bool = False) -> tuple[dict[str, Any] | None, list[str]]:
+    """The checkpoint ``--resume`` continues from, else None, and the run-changing config differences
+    (refused by name unless ``allow_changes``); a fresh run refuses an output folder that already holds
+    checkpoints."""
     out = Path(cfg.output_dir)
     if not resume:
         if last_checkpoint(out) is not None:
             raise LtDistillError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                                  "or choose another output_dir")
-        return None
-    path = last_checkpoint(out)
-    if path is None:
-        raise LtDistillError(f"--resume: {out} has no checkpoint to resume from")
-    ckpt = load_training_checkpoint(path)
-    sections = ("model", "data", "teacher", "hard_labels") if cfg.data_config().soft_labels == "online" \
-        else ("model", "data")
-    diffs = _compare_resolved(ckpt["config"], resolved, sections + ("method_options",))
-    if ckpt["config"].get("method", "richsem") != resolved["method"]:
-        diffs.insert(0, f"method: checkpoint {ckpt['config'].get('method', 'richsem')!r}, config {resolved['method']!r}")
-    if diffs:
-        raise LtDistillError(f"--resume: the config differs from the checkpoint's ({'; '.join(diffs[:5])}); "
-                             "start a new run (optionally --finetune-from the checkpoint)")
-    return ckpt
+        return None, []
+    _, ckpt, notes = load_resume_checkpoint(out)
+    for note in notes:
+        print(f"--resume: {note}", file=sys.stderr)
+    saved = dict(ckpt["config"])
+    saved.setdefault("method", "richsem")  # checkpoints from before methods existed trained RichSem
+    diffs = resume_differences(saved, resolved, cfg.data_config().soft_labels == "online")
+    if diffs and not allow_changes:
+        raise LtDistillError(f"--resume: the config differs from the checkpoint's in {len(diffs)} value(s) "
+                             f"({'; '.join(diffs)}); start a new run (optionally --finetune-from the checkpoint), "
+                             "or pass --allow-config-changes to apply them from here on")
+    return ckpt, diffs
 
 
 def _train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
