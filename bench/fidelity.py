@@ -135,7 +135,8 @@ def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: in
         for image, target in dataset:
             canvas = to_pixels.image_uint8(image, target["size"])
             boxes = cxcywh_to_xyxy(target["boxes"].float()).clamp(0, 1).numpy()
-            online = teacher.score_crop_batch(crop_and_resize(canvas, boxes, teacher.input_size)).float().cpu().numpy()
+            pre = getattr(teacher, "preprocess", teacher.input_size)  # the teacher's own crop preprocessing
+            online = teacher.score_crop_batch(crop_and_resize(canvas, boxes, pre)).float().cpu().numpy()
             cached = target["soft_labels"].numpy()
             valid = target["soft_mask"].numpy()
             flipped = target["flipped"].numpy()

@@ -92,7 +92,7 @@ def _best(fn: Callable[..., int], repeats: int, setup: Callable[[], Any] | None 
 def _decode_stage(job: Job, workers: int) -> tuple[Callable[[], int], list]:
     """The workers alone; keeps the first few chunks so the teacher can be timed on real inputs."""
     t = job.teacher
-    prepare = GridCrops(job.grid.boxes(), t.input_size) if job.cfg.mode == "crops" else WholeImage(t.pooled_size)
+    prepare = GridCrops(job.grid.boxes(), t.preprocess) if job.cfg.mode == "crops" else WholeImage(t.pooled_preprocess)
     dataset = ShardChunks(list(enumerate(job.urls)), job.labeler, prepare, prepare.output_shape,
                           chunk_size=job.cfg.chunk_size, min_image_size=job.cfg.min_image_size)
     kept: list = []

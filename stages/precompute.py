@@ -268,7 +268,7 @@ def expected_attributes(job: Job) -> dict[str, Any]:
         "source.pattern": job.pattern,
         "layout.num_shards": len(job.urls),
     }
-    for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "pooled_size",
+    for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "preprocess", "pooled_size",
                   "temperature", "prompt_templates", "synonyms", "text_fingerprint"):
         expected[f"teacher.{field}"] = prov[field]
     for field in ("labels", "class_list_sha256", "pseudo_threshold", "min_image_size"):
@@ -520,9 +520,9 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
     counts: shards, images done / failed by reason, notes, seconds."""
     cfg, teacher = job.cfg, job.teacher
     if cfg.mode == "crops":
-        prepare = GridCrops(job.grid.boxes(), teacher.input_size)
+        prepare = GridCrops(job.grid.boxes(), teacher.preprocess)
     else:
-        prepare = WholeImage(teacher.pooled_size)
+        prepare = WholeImage(teacher.pooled_preprocess)
     dataset = ShardChunks([(s, job.urls[s]) for s in shards], job.labeler, prepare, prepare.output_shape,
                           chunk_size=cfg.chunk_size, min_image_size=cfg.min_image_size,
                           max_pixels=cfg.max_image_pixels)
@@ -715,9 +715,9 @@ class _ObjectImages(torch.utils.data.IterableDataset):
     """Per pending object block, each of its images decoded and resized for the pooled path:
     yields (block, image_id, image (3, P, P) uint8 or None, (h, w), end_of_block)."""
 
-    def __init__(self, blocks: list[tuple[int, list[int]]], paths: dict[int, str], size: int) -> None:
+    def __init__(self, blocks: list[tuple[int, list[int]]], paths: dict[int, str], size) -> None:
         super().__init__()
-        self.blocks, self.paths, self.prepare = blocks, paths, WholeImage(size)
+        self.blocks, self.paths, self.prepare = blocks, paths, WholeImage(size)  # size: int or Preprocess
 
     def __iter__(self):
         from ..pipeline.teacher import ImageDecodeError, decode_image
@@ -773,7 +773,7 @@ def run_objects(job: Job, d: Dist, say: Callable[[str], None]) -> dict[str, Any]
             if image_id not in images:
                 raise ConfigError(f"annotation refers to image id {image_id}, which the JSON does not list")
             paths[image_id] = str(_image_path(images_dir, images[image_id]))
-    loader = DataLoader(_ObjectImages(blocks, paths, teacher.pooled_size), batch_size=None,
+    loader = DataLoader(_ObjectImages(blocks, paths, teacher.pooled_preprocess), batch_size=None,
                         num_workers=min(cfg.workers, len(blocks)),
                         pin_memory=teacher.device.type == "cuda")
     counts = {"blocks": 0, "done": 0, "failed": collections.Counter()}

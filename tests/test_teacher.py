@@ -65,7 +65,7 @@ def test_teacher_outputs(teacher, vocab):
     assert probs.shape == (30, 40)
     torch.testing.assert_close(probs.sum(1), torch.ones(30))
     # the logits are logit_scale times the cosine similarity; the soft label is their softmax at T
-    feats = teacher.crop_features(crop_and_resize(photo("astronaut"), boxes, teacher.input_size))
+    feats = teacher.crop_features(crop_and_resize(photo("astronaut"), boxes, teacher.preprocess))
     torch.testing.assert_close(probs, torch.softmax(teacher.logit_scale * feats @ emb.T, dim=1))
     # random init calibrates BatchNorm, so labels depend on the image
     other = teacher.score_crops(photo("rocket"), boxes)
@@ -153,7 +153,7 @@ def test_pooled_matches_crops_on_whole_image(vocab):
 
 def test_pooled_batch_boxes_and_errors(teacher):
     boxes = GridSpec.parse("coarse").boxes()
-    imgs = torch.stack([resize_image(photo(n), teacher.pooled_size) for n in PHOTOS[:2]])
+    imgs = torch.stack([resize_image(photo(n), teacher.pooled_preprocess) for n in PHOTOS[:2]])
     batch = teacher.score_pooled_batch(imgs, boxes)
     assert batch.shape == (2, 14, 40)
     torch.testing.assert_close(batch[1], teacher.score_pooled(photo(PHOTOS[1]), boxes), rtol=1e-5, atol=1e-7)

@@ -32,8 +32,11 @@ from .preprocess import (
     GridCrops,
     ImageDecodeError,
     Normalize,
+    Preprocess,
+    PreprocessError,
     WholeImage,
     crop_and_resize,
+    cut_and_resize,
     decode_image,
     pixel_boxes,
     resize_image,
@@ -41,7 +44,7 @@ from .preprocess import (
 
 __all__ = [
     "ENGINES", "MODES", "PARITY_TOLERANCE", "PRECISIONS", "SHIPPED_MODEL_CONFIGS", "CropEncoder", "Engine", "GridCrops",
-    "ImageDecodeError", "Normalize", "ParityCheck", "ResNetTrunk", "Teacher", "TeacherConfig", "TeacherError",
+    "ImageDecodeError", "Normalize", "ParityCheck", "Preprocess", "PreprocessError", "cut_and_resize", "ResNetTrunk", "Teacher", "TeacherConfig", "TeacherError",
     "build_engine", "build_teacher", "crop_and_resize", "decode_image", "default_engine_cache",
     "encode_class_texts", "file_sha256", "load_open_clip", "pixel_boxes", "register_model_configs",
     "resize_image", "resolve_device", "resolve_engine", "resolve_precision", "tensorrt_unavailable_reason", "WholeImage",

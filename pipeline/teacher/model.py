@@ -31,7 +31,7 @@ from ...errors import LtDistillError
 from ..vocab import Vocabulary, load_vocabulary, resolve_templates
 from .config import MODES, TeacherConfig
 from .engines import PARITY_TOLERANCE, Engine, ParityCheck, autocast, build_engine, eager_engine, resolve_engine
-from .preprocess import Normalize, crop_and_resize, resize_image
+from .preprocess import Normalize, Preprocess, crop_and_resize, resize_image
 
 
 class TeacherError(LtDistillError):
@@ -231,6 +231,10 @@ class Teacher:
         self.pooled_size = int(pooled_size) or 2 * self.input_size
         if self.supports_pooled and self.pooled_size % 32:
             raise TeacherError(f"pooled size {self.pooled_size} must be a multiple of 32 (the ResNet stride)")
+        # The model's own eval transform (open_clip's preprocess_cfg: interpolation, resize mode) for crops;
+        # the pooled path's whole-image resize is always a squash, so every box stays in view.
+        self.preprocess = Preprocess.from_open_clip(cfg, self.input_size)
+        self.pooled_preprocess = self.preprocess.with_size(self.pooled_size, "squash")
         self.logit_scale = float(self.model.logit_scale.exp())
 
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -265,6 +269,7 @@ class Teacher:
             "engine": self.engine(mode).name,
             "precision": self.precision,
             "input_size": self.input_size,
+            "preprocess": (self.pooled_preprocess if mode == "pooled" else self.preprocess).to_dict(),
             "pooled_size": self.pooled_size if mode == "pooled" else None,
             "roi_size": self.roi_size if mode == "pooled" else None,
             "logit_scale": self.logit_scale,
@@ -333,7 +338,7 @@ class Teacher:
 
     def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
-        return self.score_crop_batch(crop_and_resize(image, boxes, self.input_size))
+        return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
 
     def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input) + attention pool -> (B, K, D)."""
@@ -366,7 +371,7 @@ class Teacher:
 
     def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
-        return self.score_pooled_batch(resize_image(image, self.pooled_size)[None], boxes)[0]
+        return self.score_pooled_batch(resize_image(image, self.pooled_preprocess)[None], boxes)[0]
 
 
 def build_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> Teacher:
