@@ -18,6 +18,7 @@ pp=/tmp/lt-distill-pp
 mkdir -p "$site" "$pp"
 ln -sfn "$repo" "$pp/lt_distill"
 export PYTHONPATH="$pp:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$PATH:$site/bin"  # the ninja wheel's executable, where the machine has none of its own
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/lt-distill-ext}"
 export PYTHONUNBUFFERED=1
 # lvis imports cv2 at import time (for its drawing helpers only); opencv's wheel is too big to carry,

