@@ -50,8 +50,10 @@ class OnlineSoftLabeler:
     def __init__(self, teacher: Teacher, pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD, profile: bool = False) -> None:
         self.teacher = teacher
-        self.mean = torch.tensor(pixel_mean, dtype=torch.float32, device=teacher.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pixel_std, dtype=torch.float32, device=teacher.device).view(1, 3, 1, 1)
+        # A scorer without a device (bench fidelity's stand-ins use only image_uint8) works on the CPU.
+        self.device = torch.device(getattr(teacher, "device", "cpu"))
+        self.mean = torch.tensor(pixel_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pixel_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.profile = profile
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.calls = 0
@@ -68,14 +70,14 @@ class OnlineSoftLabeler:
         self.timings[name] += time.perf_counter() - start
 
     def _sync(self) -> None:
-        if self.teacher.device.type == "cuda":
-            torch.cuda.synchronize(self.teacher.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, H, W) images -> pixel values 0..255 (whole levels) on the teacher's device:
         uint8 on the CPU (the very kernels precompute's workers run: bit-identical crops), float on a GPU
         (whose antialiased resize kernels are float-only; within one level of the uint8 ones)."""
-        x = images.to(self.teacher.device, torch.float32, non_blocking=True)
+        x = images.to(self.device, torch.float32, non_blocking=True)
         x = ((x * self.std + self.mean) * 255.0).round_().clamp_(0, 255)
         return x.to(torch.uint8) if x.device.type == "cpu" else x
 
