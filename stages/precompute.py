@@ -312,7 +312,8 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
                     grid_boxes=job.grid.boxes(), residual=cfg.residual,
                     source={"pattern": job.pattern, "num_shards": len(job.urls)},
                     extra={"precompute": job.settings}, overwrite=cfg.overwrite,
-                    text_embeddings=(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint))
+                    text_embeddings=None if job.teacher.text_embeddings is None  # classifiers: no text tower
+                    else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint))
             except StoreExistsError:
                 if cfg.overwrite or not path.exists():
                     raise

@@ -262,6 +262,7 @@ class Teacher:
     def provenance(self, mode: str = "crops") -> dict[str, Any]:
         """What a label store records about the teacher that made its labels with ``mode``."""
         return {
+            "family": "clip",
             "model": self.model_name,
             "weights_sha256": self.weights_id,
             "weights_file": Path(self.weights_file).name if self.weights_file else None,
