@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from PIL import Image
 
 from lt_distill.pipeline.teacher import (
     CLASSIFIER_MODELS,
@@ -187,3 +188,72 @@ def test_real_teacher_topk_loss_matches_hand_computation(real_teacher):
     head = probs[0, order].astype(np.float64)
     want = (head * np.log(head / prob[0].astype(np.float64))).sum() + (tail * np.log(tail / rest)).sum()
     assert abs(float(kl_divergence(probs, decoded)[0]) - want) < 1e-4
+
+
+def _run_cli(capsys, *args) -> tuple[int, str, str]:
+    from lt_distill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@needs_weights
+@pytest.mark.slow
+def test_precompute_with_classifier_teacher_cli(tmp_path, capsys, real_teacher):
+    """`precompute --teacher classifier`: the store records the classifier's provenance, and LabelReader reads
+    back its top-k of the real teacher's distribution on the photo (the whole image and one 0.5 crop)."""
+    from lt_distill.bench.photos import load_photos, write_photo_shards
+    from lt_distill.pipeline.grid import GridSpec
+    from lt_distill.pipeline.teacher import decode_image
+    from lt_distill.store import LabelReader, verify_store
+
+    photos = [p for p in load_photos("skimage") if p[0] == "skimage_chelsea"]
+    shards = write_photo_shards(photos, tmp_path / "shards")
+    store = tmp_path / "labels.zarr"
+    code, out, err = _run_cli(capsys, "precompute", "--store", store, "--shards", shards, "--teacher", "classifier",
+                              "--grid", "1.0:1,0.5:2", "--topk", 8, "--labels", "none", "--workers", 0,
+                              "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    reader = LabelReader(store)
+    t = reader.attrs["teacher"]
+    assert t["family"] == "classifier" and t["model"] == "efficientnet-lite0" and t["label_space"] == "imagenet-1k"
+    assert t["weights_sha256"] == real_teacher.weights_id and t["input_size"] == 224
+    assert reader.attrs["vocabulary"]["sha256"] == imagenet1k_vocabulary().sha256
+    index, prob, valid = reader.labels(0, 0)
+    assert valid and index.shape == (5, 8) and int(index[0, 0]) == EGYPTIAN_CAT
+    want = real_teacher.score_crops(decode_image(photos[0][1]), GridSpec.parse("1.0:1,0.5:2").boxes()).numpy()
+    want_i, want_p = encode_topk(want, 8)
+    np.testing.assert_array_equal(index, want_i)
+    np.testing.assert_allclose(prob.astype(np.float32), want_p.astype(np.float32), atol=2e-3)
+    assert verify_store(store) == []
+
+
+@needs_weights
+@pytest.mark.slow
+def test_real_photo_fidelity_exact_reproduces_the_store(tmp_path, real_teacher):
+    """The real-photo fidelity bench on four photos (one mosaic a pass): the teacher reproduces its own store (top-1 100%, KL =
+    the top-k encoding loss alone), and every mode reports top-1, top-5 overlap and KL."""
+    from lt_distill.bench.fidelity import run_grid_study
+
+    cfg = TeacherConfig(family="classifier", model="efficientnet-lite0", vocab="imagenet-1k", device="cpu")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("chelsea", "astronaut", "coffee", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.jpg", quality=95)
+    result = run_grid_study(str(folder), ["whole"], cfg, work_dir=tmp_path / "work", topk=8, num_tiles=8,
+                            reproduce=2, preset="tiny")
+    r = result["grids"]["whole"]
+    assert r["num_boxes"] == 1 and r["raw_bytes_per_image"] == 32
+    rep = r["reproduction"]
+    assert rep["images"] == 2 and rep["top1_agreement"] == 1.0 and rep["top5_overlap"] == 1.0
+    full = np.concatenate([real_teacher.score_crops(np.asarray(Image.open(f).convert("RGB")), np.array([[0, 0, 1, 1.0]]))
+                           .numpy() for f in sorted(folder.iterdir())[:2]])
+    want = kl_divergence(full, decode_topk(*encode_topk(full, 8), 1000, "spread")).mean()
+    assert abs(rep["mean_kl"] - want) < 2e-3  # the store's only loss on the same pixels: top-8 encoding
+    for mode in ("exact", "nearest", "interp"):
+        assert r["modes"][mode]["tiles_seen"] >= 8
+        a = r["modes"][mode].get("all")
+        if a and a["tiles"]:
+            assert 0 <= a["top1_agreement"] <= 1 and 0 <= a["top5_overlap"] <= 1 and a["mean_kl"] >= 0
