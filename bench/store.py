@@ -276,11 +276,15 @@ def print_topk_kl_table(result: dict[str, Any], console: Console | None = None) 
                 "residual mass"):
         table.add_column(col, justify="left" if col == "distributions" else "right")
     for name, src in result["sources"].items():
-        label = name if "teacher" not in src else f"{name}: {src['teacher']}, {src['num_photos']} photos x {src['grid']}"
+        label = name
         for r in src["rows"]:
             table.add_row(label, str(r["k"]), str(r["bytes_per_image"]), f"{r['kl_spread_mean']:.4f}",
                           f"{r['kl_spread_p95']:.4f}", f"{r['kl_renormalise_mean']:.4f}", f"{r['residual_mean']:.3f}")
             label = ""
     console.print(table)
+    real = result["sources"].get("real teacher")
+    if real:
+        console.print(f"real teacher: {real['teacher']} on the {real['grid']} grid crops of {real['num_photos']} photos "
+                      f"({real['photos']}), {real['crops']} crops x {real['classes']} classes")
     if "real_teacher_skipped" in result:
         console.print(f"real teacher rows skipped: {result['real_teacher_skipped']}")
