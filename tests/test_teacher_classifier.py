@@ -21,6 +21,7 @@ from lt_distill.pipeline.teacher import (
     build_teacher,
     crop_and_resize,
     file_sha256,
+    tensorrt_unavailable_reason,
 )
 from lt_distill.pipeline.teacher.classifier import label_space_mapping, load_classifier, map_state_dict, packaged_weights
 from lt_distill.pipeline.vocab import Vocabulary, imagenet1k_vocabulary, load_vocabulary
@@ -135,6 +136,20 @@ def test_state_dict_mapping_and_errors(tmp_path):
         load_classifier("efficientnet-lite0", str(tmp_path / "missing.pt"))
     with pytest.raises(TeacherError, match="unknown classifier"):
         load_classifier("resnet-9000", None, random_init=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(tensorrt_unavailable_reason(torch.device("cuda")) is not None,
+                    reason=str(tensorrt_unavailable_reason(torch.device("cuda"))))
+def test_classifier_tensorrt_engine_parity(tmp_path):
+    """TensorRT (fp16) for the classifier's crops and pooled trunks, checked against eager fp16 autocast."""
+    cfg = TeacherConfig(**FAMILY_CONFIGS["classifier"], engine="tensorrt", device="cuda", precision="fp16",
+                        crop_batch=8, pooled_batch=2, engine_cache=str(tmp_path))
+    t = build_teacher(cfg)
+    for mode in ("crops", "pooled"):
+        engine = t.engine(mode)
+        assert engine.name == "tensorrt", f"{mode}: tensorrt engine refused or failed to build"
+        assert engine.info["parity_max_abs_err"] <= engine.info["parity_tolerance"]
 
 
 def test_engine_request_falls_back_to_eager_on_cpu(caplog):
