@@ -151,7 +151,8 @@ def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: in
         if tile_size:
             aug["tile_size"] = tile_size
         cfg = data_config(preset, {"cls_shards": shards, "label_store": str(reader.path), "grid": grid_spec,
-                                   "num_workers": 0, "seed": seed, "cls_aug": aug})
+                                   "num_workers": 0, "seed": seed, "cls_aug": aug,
+                                   "cls_unlabelled": "keep"})  # soft labels only: hard labels do not matter
         dataset = build_classification_dataset(cfg, reader)  # passes over the shards until num_tiles
         to_pixels = OnlineSoftLabeler(teacher, cfg.pixel_mean, cfg.pixel_std)
         tallies = collections.defaultdict(_Tally)

@@ -74,7 +74,8 @@ def run_labels_bench(teacher_cfg: TeacherConfig, *, preset: str = "default", bat
         reader = LabelReader(store)
         overrides: dict[str, Any] = {"cls_shards": shards, "label_store": str(store), "num_workers": 0,
                                      "shuffle_buffer": 0, "seed": seed, "grid": reader.attrs["grid"]["spec"],
-                                     "cls_aug": {"crop_match": crop_match}}
+                                     "cls_aug": {"crop_match": crop_match},
+                                     "cls_unlabelled": "keep"}  # the cost per step does not depend on hard labels
         if batch_size:
             overrides["batch_size"] = batch_size
         cfg = data_config(preset, overrides)
