@@ -44,8 +44,10 @@ def precompute_cmd(
                                            help="Also prompt with each class's synonyms.")] = False,
     labels: Annotated[str, typer.Option("--labels", help="Source label: cls (index into --class-list), json[:FIELD] "
                                         "(a wnid or index; field default wnid), or none (teacher pseudo labels).")] = "cls",
-    class_list: Annotated[str, typer.Option("--class-list", help="Class list of .cls indices: imagenet21k (timm's "
-                                            "21,843 wnids) or a file with one wnid per line.")] = "imagenet21k",
+    class_list: Annotated[str, typer.Option("--class-list", help="Index space of the .cls numbers (required with "
+                                            "--labels cls): imagenet21k-fall11 (21,843), imagenet21k-winter21 (21,841), "
+                                            "imagenet22k-ms, imagenet21k-p-fall11, imagenet21k-p-winter21, imagenet12k, "
+                                            "imagenet1k, or a file with one wnid a line.")] = "",
     synset_wnids: Annotated[Optional[Path], typer.Option(
         "--synset-wnids", help="synset<TAB>wnid table for the vocabulary (default: the shipped LVIS one).")] = None,
     pseudo_threshold: Annotated[float, typer.Option(

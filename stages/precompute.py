@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from ..config import read_json_file
 from ..errors import ConfigError, LtDistillError
 from ..pipeline.grid import GridSpec
+from ..pipeline.labelcheck import check_class_list
 from ..pipeline.shards import (
     MAX_IMAGE_PIXELS,
     READ_ENDS,
@@ -51,7 +52,7 @@ from ..pipeline.vocab import (
     LabelSource,
     WnidMapper,
     class_list_sha256,
-    load_class_list,
+    label_class_list,
     load_synset_wnids,
     load_vocabulary,
 )
@@ -86,8 +87,9 @@ class PrecomputeConfig:
     topk: int = 16
     residual: str = "spread"
     labels: str = "cls"  # cls | json[:FIELD] | none
-    class_list: str = "imagenet21k"  # .cls index space: named list or file (one wnid a line)
+    class_list: str = ""  # .cls index space: a named list (pipeline.vocab.CLASS_LISTS) or a file (one wnid a line)
     synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
+    label_check: int = 16  # samples per shard whose key / .json wnid is checked against the class list; 0 = off
     pseudo_threshold: float = 0.5  # labels=none: hard label = teacher argmax if its probability exceeds this
     batch_size: int = 16
     workers: int = 4
@@ -233,9 +235,11 @@ def prepare_job(cfg: PrecomputeConfig) -> Job:
     if cfg.topk > len(vocabulary):
         raise ConfigError(f"topk {cfg.topk} exceeds the vocabulary's {len(vocabulary)} classes")
     source = LabelSource.parse(cfg.labels)
-    class_list = load_class_list(cfg.class_list) if source.kind != "none" else None
+    class_list = label_class_list(source, cfg.class_list)
     mapper = WnidMapper(vocabulary, load_synset_wnids(cfg.synset_wnids or None))
     labeler = HardLabeler(source, mapper, class_list)
+    if urls and class_list is not None:  # before the teacher is built: a wrong list must cost nothing
+        check_class_list(urls, source, cfg.class_list, class_list, cfg.label_check)
     teacher_cfg = dataclasses.replace(cfg.teacher)
     k = grid.num_boxes
     teacher_cfg.crop_batch = cfg.batch_size * k

@@ -111,7 +111,7 @@ class HardLabelConfig:
     (RichSem Eq. 7)."""
 
     source: str = "cls"
-    class_list: str = "imagenet21k"  # .cls index space: named list or file (one wnid a line)
+    class_list: str = ""  # .cls index space: a named list (pipeline.vocab.CLASS_LISTS) or a file
     synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
     pseudo_threshold: float = 0.5
 

@@ -29,7 +29,7 @@ from ...pipeline.vocab import (
     Vocabulary,
     VocabularyError,
     WnidMapper,
-    load_class_list,
+    label_class_list,
     load_synset_wnids,
     load_vocabulary,
 )
@@ -58,7 +58,7 @@ def check_vocabulary(vocabulary: Vocabulary, category_names: list[str], annotati
 def build_hard_labeler(cfg: HardLabelConfig, vocabulary: Vocabulary) -> HardLabeler:
     """The classification images' label -> vocabulary index mapping, built as precompute builds it."""
     source = LabelSource.parse(cfg.source)
-    class_list = load_class_list(cfg.class_list) if source.kind != "none" else None
+    class_list = label_class_list(source, cfg.class_list)
     mapper = WnidMapper(vocabulary, load_synset_wnids(cfg.synset_wnids or None))
     return HardLabeler(source, mapper, class_list)
 
