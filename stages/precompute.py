@@ -56,6 +56,7 @@ from ..pipeline.vocab import (
     load_synset_wnids,
     load_vocabulary,
 )
+from .shards import manifest_counts
 from ..store import (
     REASON_CODES,
     REASONS,
@@ -302,6 +303,9 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
     action = _agree(d, decide)
     if action == "create":
         capacity = cfg.shard_capacity
+        known = manifest_counts(job.urls) if not capacity else None  # `lt-distill shards` wrote the counts
+        if known is not None:
+            capacity = _round_up(max(known + [1]))
         if not capacity:  # count every shard's samples, split over ranks
             counts = d.gather({s: count_samples(job.urls[s]) for s in range(d.rank, len(job.urls), d.world)})
             capacity = _round_up(max([n for part in counts for n in part.values()] + [1]))

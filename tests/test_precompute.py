@@ -190,7 +190,8 @@ def test_rerun_resumes_and_other_settings_are_refused(crops_store, data, capsys)
 def test_clear_errors_and_nothing_written(case, data, tmp_path, capsys):
     root, pattern = data
     store = tmp_path / "store"
-    args = ["precompute", "--store", store, "--shards", pattern, "--no-progress", "--templates", "single"]
+    args = ["precompute", "--store", store, "--shards", pattern, "--no-progress", "--templates", "single",
+            "--class-list", root / "classes.txt"]
     expect = {
         "missing weights": (["--model", "lt-tiny-rn"], "no weights for teacher 'lt-tiny-rn'"),
         "unknown model": (["--model", "RN51", "--random-init"], "unknown open_clip model 'RN51'"),
