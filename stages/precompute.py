@@ -236,7 +236,7 @@ def prepare_job(cfg: PrecomputeConfig) -> Job:
     if cfg.topk > len(vocabulary):
         raise ConfigError(f"topk {cfg.topk} exceeds the vocabulary's {len(vocabulary)} classes")
     source = LabelSource.parse(cfg.labels)
-    class_list = label_class_list(source, cfg.class_list)
+    class_list = label_class_list(source, cfg.class_list) if urls else None  # objects-only runs have no .cls
     mapper = WnidMapper(vocabulary, load_synset_wnids(cfg.synset_wnids or None))
     labeler = HardLabeler(source, mapper, class_list)
     if urls and class_list is not None:  # before the teacher is built: a wrong list must cost nothing

@@ -59,6 +59,7 @@ class TeacherConfig:
     precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 on the CPU
     engine: str = "auto"  # auto: tensorrt if usable, else compile on CUDA, else eager
     engine_cache: str = ""  # TensorRT engine cache directory; "" = ~/.cache/lt-distill/engines
+    text_cache: str = ""  # class text embedding cache; "" = ENGINE_CACHE/text, "off" = always encode
     crop_batch: int = 256
     pooled_batch: int = 8
     text_batch: int = 1024

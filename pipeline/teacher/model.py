@@ -32,6 +32,7 @@ from ..vocab import Vocabulary, load_vocabulary, resolve_templates
 from .config import MODES, TeacherConfig
 from .engines import PARITY_TOLERANCE, Engine, ParityCheck, autocast, build_engine, eager_engine, resolve_engine
 from .preprocess import Normalize, Preprocess, crop_and_resize, resize_image
+from .textcache import cached_text_embeddings, resolve_text_cache, text_cache_key
 
 
 class TeacherError(LtDistillError):
@@ -204,7 +205,8 @@ class Teacher:
                  templates: tuple[str, ...], synonyms: bool = False, temperature: float = 1.0,
                  device: torch.device | str = "cpu", precision: str = "fp32", engine: str = "eager",
                  pooled_size: int = 0, crop_batch: int = 256, pooled_batch: int = 8, text_batch: int = 1024,
-                 engine_cache: str | Path | None = None, weights_file: str | None = None) -> None:
+                 engine_cache: str | Path | None = None, weights_file: str | None = None,
+                 text_cache: str | Path | None = None) -> None:
         self.device = torch.device(device)
         self.precision = precision
         self.requested_engine = engine
@@ -237,9 +239,12 @@ class Teacher:
         self.pooled_preprocess = self.preprocess.with_size(self.pooled_size, "squash")
         self.logit_scale = float(self.model.logit_scale.exp())
 
-        tokenizer = open_clip.get_tokenizer(model_name)
-        self.text_embeddings = encode_class_texts(
-            self.model, tokenizer, vocabulary.prompts(self.templates, synonyms), self.device, precision, text_batch)
+        prompts = vocabulary.prompts(self.templates, synonyms)
+        key = text_cache_key(model=model_name, weights_id=weights_id, prompts=prompts, precision=precision,
+                             device=self.device)
+        self.text_embeddings, self.text_from_cache = cached_text_embeddings(key, lambda: encode_class_texts(
+            self.model, open_clip.get_tokenizer(model_name), prompts, self.device, precision, text_batch),
+            Path(text_cache) if text_cache else None, self.device)
         self.fingerprint = self._fingerprint()
         self._modules = {"crops": CropEncoder(visual)}
         if self.supports_pooled:
@@ -387,4 +392,5 @@ def build_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> T
                        templates=resolve_templates(cfg.templates), synonyms=cfg.synonyms,
                        temperature=cfg.temperature, device=device, precision=precision, engine=cfg.engine,
                        pooled_size=cfg.pooled_size, crop_batch=cfg.crop_batch, pooled_batch=cfg.pooled_batch,
-                       text_batch=cfg.text_batch, engine_cache=cfg.engine_cache or None, weights_file=cfg.weights)
+                       text_batch=cfg.text_batch, engine_cache=cfg.engine_cache or None, weights_file=cfg.weights,
+                       text_cache=resolve_text_cache(cfg.text_cache, cfg.engine_cache or None))
