@@ -271,7 +271,8 @@ def _bench(model: str, num_shards: int, images_per_shard: int, grid: str, worker
         vocabulary = None
         for mode in ("crops", "pooled"):
             cfg = PrecomputeConfig(store=str(root / "store"), shards=pattern, teacher=teacher_cfg, mode=mode,
-                                   grid=grid, labels="cls", workers=workers, batch_size=batch_size, progress=False,
+                                   grid=grid, labels="cls", class_list="imagenet21k-fall11", workers=workers,
+                                   batch_size=batch_size, progress=False,
                                    shard_capacity=-(-images_per_shard // 16) * 16)
             job = prepare_job(cfg)
             vocabulary = job.teacher.vocabulary

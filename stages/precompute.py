@@ -47,6 +47,7 @@ from ..pipeline.shards import (
     source_stat,
 )
 from ..pipeline.teacher import GridCrops, Teacher, TeacherConfig, WholeImage, build_teacher
+from ..workers import default_workers
 from ..pipeline.vocab import (
     HardLabeler,
     LabelSource,
@@ -93,7 +94,7 @@ class PrecomputeConfig:
     label_check: int = 16  # samples per shard whose key / .json wnid is checked against the class list; 0 = off
     pseudo_threshold: float = 0.5  # labels=none: hard label = teacher argmax if its probability exceeds this
     batch_size: int = 16
-    workers: int = 4
+    workers: int = dataclasses.field(default_factory=default_workers)  # this machine's CPUs minus one, at most 4
     # Samples per worker -> main hand-over, and chunks in flight per worker: with RN50 crops (30 x 3 x 224^2
     # uint8 = 4.5 MB per image) 4 workers hold 4 x 2 x 4 x 4.5 MB = 144 MB of shared memory.
     chunk_size: int = 4

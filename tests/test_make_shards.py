@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lt_distill.pipeline.data import check_label_store
 from lt_distill.pipeline.shards import expand_shards, iter_tar_samples
 from lt_distill.pipeline.teacher import TeacherConfig
 from lt_distill.pipeline.vocab import load_class_list, load_synset_wnids, load_vocabulary
 from lt_distill.stages import precompute as precompute_stage
 from lt_distill.stages.precompute import PrecomputeConfig, run_precompute
 from lt_distill.stages.shards import ShardsConfig, make_shards, manifest_counts
-from lt_distill.store import LabelStore, verify_store
+from lt_distill.store import LabelReader, LabelStore, StoreError, verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from precompute_helpers import jpeg, photo  # noqa: E402
@@ -189,3 +190,8 @@ def test_manifest_feeds_precompute(tmp_path, monkeypatch):
             assert hard[row] == lvis.names.index("dog")
         elif key.startswith(ZEBRA):
             assert hard[row] == lvis.names.index("zebra")
+    # training refuses the store under another class list (store_check.class_list)
+    reader = LabelReader(tmp_path / "store")
+    check_label_store(reader, class_list=WINTER)
+    with pytest.raises(StoreError, match="precompute.class_list_sha256"):
+        check_label_store(reader, class_list="imagenet21k-fall11")

@@ -48,6 +48,7 @@ class TeacherConfig:
     family: str = "clip"
     model: str = "RN50"
     weights: str | None = None
+    pretrained: str = ""  # open_clip pretrained tag (e.g. "openai"), resolved from open_clip's cache instead of weights
     random_init: bool = False
     seed: int = 0  # random-init weights
     vocab: str = "lvis-v1"

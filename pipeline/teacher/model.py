@@ -132,8 +132,8 @@ def load_open_clip(model_name: str, weights: str | None, random_init: bool = Fal
         raise TeacherError("give either --weights or --random-init, not both")
     if not weights:
         if not random_init:
-            raise TeacherError(f"no weights for teacher {model_name!r}: pass --weights FILE (a local open_clip "
-                               "checkpoint) or --random-init (tests and demos only: the labels mean nothing)")
+            raise TeacherError(f"no weights for teacher {model_name!r}: pass --pretrained TAG (open_clip's "
+                               "cache), --weights FILE (a local open_clip checkpoint) or --random-init (tests and demos only: the labels mean nothing)")
         root = logging.getLogger()
         drop = _DropRandomInitWarning()
         root.addFilter(drop)
@@ -206,13 +206,14 @@ class Teacher:
                  device: torch.device | str = "cpu", precision: str = "fp32", engine: str = "eager",
                  pooled_size: int = 0, crop_batch: int = 256, pooled_batch: int = 8, text_batch: int = 1024,
                  engine_cache: str | Path | None = None, weights_file: str | None = None,
-                 text_cache: str | Path | None = None) -> None:
+                 text_cache: str | Path | None = None, pretrained: str | None = None) -> None:
         self.device = torch.device(device)
         self.precision = precision
         self.requested_engine = engine
         self.model_name = model_name
         self.weights_id = weights_id
         self.weights_file = weights_file
+        self.pretrained = pretrained
         self.vocabulary = vocabulary
         self.templates = tuple(templates)
         self.synonyms = synonyms
@@ -271,6 +272,7 @@ class Teacher:
             "model": self.model_name,
             "weights_sha256": self.weights_id,
             "weights_file": Path(self.weights_file).name if self.weights_file else None,
+            "pretrained": self.pretrained,  # open_clip tag the weights came from (--pretrained), or None
             "mode": mode,
             "engine": self.engine(mode).name,
             "precision": self.precision,
@@ -385,12 +387,22 @@ def build_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> T
     vocab = vocabulary if vocabulary is not None else load_vocabulary(cfg.vocab)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model, weights_id = load_open_clip(cfg.model, cfg.weights, cfg.random_init, cfg.seed)
+    weights_file = cfg.weights
+    if cfg.pretrained:  # an open_clip tag: open_clip finds (or downloads) the file
+        if cfg.weights or cfg.random_init:
+            raise TeacherError("give one of --pretrained TAG, --weights FILE or --random-init")
+        from .pretrained import load_pretrained
+
+        model, weights_id, path = load_pretrained(cfg.model, cfg.pretrained)
+        weights_file = str(path)
+    else:
+        model, weights_id = load_open_clip(cfg.model, cfg.weights, cfg.random_init, cfg.seed)
     ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with ctx:
         return Teacher(model, model_name=cfg.model, weights_id=weights_id, vocabulary=vocab,
                        templates=resolve_templates(cfg.templates), synonyms=cfg.synonyms,
                        temperature=cfg.temperature, device=device, precision=precision, engine=cfg.engine,
                        pooled_size=cfg.pooled_size, crop_batch=cfg.crop_batch, pooled_batch=cfg.pooled_batch,
-                       text_batch=cfg.text_batch, engine_cache=cfg.engine_cache or None, weights_file=cfg.weights,
-                       text_cache=resolve_text_cache(cfg.text_cache, cfg.engine_cache or None))
+                       text_batch=cfg.text_batch, engine_cache=cfg.engine_cache or None, weights_file=weights_file,
+                       text_cache=resolve_text_cache(cfg.text_cache, cfg.engine_cache or None),
+                       pretrained=cfg.pretrained or None)

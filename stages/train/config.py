@@ -100,6 +100,7 @@ class StoreCheckConfig:
     topk: int = 0  # 0 accepts the store's top-k
     residual: str = ""  # "spread" | "renormalise"; "" accepts the store's
     teacher_model: str = ""  # open_clip model name; "" accepts any
+    class_list: str = ""  # the .cls index space precompute labelled with (named list or file); "" accepts any
 
 
 @dataclasses.dataclass

@@ -116,7 +116,8 @@ def open_store_checked(data_cfg: DataConfig, names: list[str], cfg: TrainConfig)
     reader = LabelReader(data_cfg.label_store)
     sc = cfg.store_check
     check_label_store(reader, vocabulary=names, grid=data_cfg.grid, topk=sc.topk or None,
-                      residual=sc.residual or None, teacher_model=sc.teacher_model or None)
+                      residual=sc.residual or None, teacher_model=sc.teacher_model or None,
+                      class_list=sc.class_list or None)
     return reader
 
 
