@@ -39,10 +39,10 @@ class Evidence:
 def _index_and_wnid(key: str, fields: dict[str, bytes], source: LabelSource) -> tuple[int, str, str] | None:
     """(label index, wnid named by the sample, where it was named) or None when either is missing."""
     meta = None
-    if "json" in fields:
+    if "json" in fields and len(fields["json"]) <= 1 << 16:  # metadata, not a payload: skip huge members
         try:
             meta = json.loads(fields["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting exhausts the parser
             meta = None
     meta = meta if isinstance(meta, dict) else {}
     if source.kind == "cls":
