@@ -273,7 +273,7 @@ def test_bacl_stage2_kill_and_resume_is_exact(dataset, tmp_path):  # noqa: F811
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["iter"]
     a, b = (torch.load(tmp_path / run / "checkpoints" / "iter_0000006.pt", weights_only=True) for run in
             ("full", "killed"))
-    assert a["criterion"]["bacl.cm_count"].sum() > 0
+    assert a["criterion"]["hooks.bacl.cm_count"].sum() > 0
     for k in a["criterion"]:
         assert torch.equal(a["criterion"][k], b["criterion"][k]), k
     for k in a["model"]:
@@ -311,7 +311,7 @@ def test_bacl_two_gloo_processes_share_the_confusion_matrix(dataset, tmp_path): 
     # The ranks trained on different images (different losses), yet hold one confusion matrix and one set of
     # statistics: both are summed over ranks every step. A rank alone would have counted fewer positives.
     assert all(a != b for a, b in zip(r0["losses"], r1["losses"]))
-    count = r0["criterion"]["bacl.cm_count"]
+    count = r0["criterion"]["hooks.bacl.cm_count"]
     assert count.sum() > 0
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "iter_0000003.pt", weights_only=True)
-    assert torch.equal(ckpt["criterion"]["bacl.cm_count"], count)
+    assert torch.equal(ckpt["criterion"]["hooks.bacl.cm_count"], count)

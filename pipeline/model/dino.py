@@ -206,8 +206,12 @@ class DINO(nn.Module):
         boxes = inverse_sigmoid(view_boxes.clamp(1e-4, 1 - 1e-4))
         tgt = torch.cat([view_content, content], 1)
         ref = torch.cat([boxes.to(ref_unsig.dtype), ref_unsig], 1)
-        hidden, _ = self.transformer.decoder(tgt, ref, mem, mask)
-        return hidden[-1][:, :v]
+        # Called from the loss (autocast off) with the memory of a forward that may have run under autocast:
+        # decode in the memory's precision, as the forward did.
+        low = mem.memory.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(mem.memory.device.type, dtype=mem.memory.dtype if low else None, enabled=low):
+            hidden, _ = self.transformer.decoder(tgt, ref, mem, mask)
+        return hidden[-1][:, :v].float()
 
     def _select_queries(self, mem: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Two-stage "mixed" query selection: positions from the Q best encoder proposals (detached),
