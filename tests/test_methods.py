@@ -112,7 +112,7 @@ def test_resume_refuses_another_method_or_other_method_options(tmp_path):
     save_training_checkpoint(tmp_path, {"model": {}, "config": saved.resolved(), "iteration": 3, "optimizer": {},
                                         "scheduler": {}})
     same = train_config(None, [f"output_dir={tmp_path}", "method=bacl"])
-    assert _checkpoint_to_resume(same, same.resolved(), resume=True)["iteration"] == 3
+    assert _checkpoint_to_resume(same, same.resolved(), resume=True)[0]["iteration"] == 3
     for sets, needle in ((["method=richsem"], "method: checkpoint 'bacl', config 'richsem'"),
                          (["method=bacl", "method_options.fcbl_alpha=0.5"], "method_options.fcbl_alpha")):
         other = train_config(None, [f"output_dir={tmp_path}", *sets])
