@@ -82,6 +82,7 @@ class TrainResult:
     skipped: dict[str, int]  # data samples skipped by reason (this rank)
     finetune_report: dict[str, list[str]] | None = None
     model: torch.nn.Module | None = None  # the trained detector (unwrapped), this rank
+    criterion: torch.nn.Module | None = None  # with the method's state (e.g. BACL's statistics), this rank
 
 
 @dataclasses.dataclass
@@ -360,6 +361,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         output_dir=out, iterations=cfg.max_iters, final_model=final, checkpoint=checkpoint_path,
         images_per_s=session_images / elapsed if elapsed > 0 else 0.0, losses=last_logged,
         eval_metrics=eval_metrics, skipped=dict(skipped), finetune_report=finetune_report, model=model,
+        criterion=criterion,
     )
 
 
