@@ -1,0 +1,389 @@
+"""CLIS (METHODS.md): the properties every implementation must pass, the contrastive loss by hand, the
+queue, parameter sharing, attention isolation of tile queries, and the region / paste data helpers."""
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lt_distill.errors import LtDistillError
+from lt_distill.pipeline.methods.clis import CLISBranch, CLISConfig, attach_clis, contrastive_loss
+from lt_distill.pipeline.methods.clis_data import (
+    CLISBatchMixer,
+    PredefinedRegions,
+    occlude_boxes,
+    paste_region,
+    region_on_canvas,
+    tile_query_boxes,
+)
+from lt_distill.pipeline.model import build_model, export_inference_model, load_model, model_config, save_checkpoint
+from lt_distill.pipeline.model.box_ops import inverse_sigmoid
+from lt_distill.pipeline.model.dino import TaskHeadClassifier
+
+C, E = 7, 32
+
+
+def unit(*shape, g):
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+# -- L_con ------------------------------------------------------------------------------------------
+def test_contrastive_loss_empty_queue_is_zero():
+    g = torch.Generator().manual_seed(0)
+    q, k = unit(5, 16, g=g), unit(5, 16, g=g)
+    assert contrastive_loss(q, k, torch.zeros(0, 16), 0.2).item() == 0.0
+
+
+@pytest.mark.parametrize("num_keys", [1, 7, 300])
+def test_contrastive_loss_all_queue_keys_equal_to_key_is_log_one_plus_k(num_keys):
+    g = torch.Generator().manual_seed(num_keys)
+    q, k = unit(4, 16, g=g), unit(4, 16, g=g)
+    for i in range(4):  # one pair at a time: the queue holds K copies of that pair's f_d
+        loss = contrastive_loss(q[i:i + 1], k[i:i + 1], k[i].expand(num_keys, -1), 0.2)
+        assert loss.item() == pytest.approx(math.log(1 + num_keys), rel=1e-6)
+
+
+def test_contrastive_loss_by_hand_and_no_gradient_to_keys_or_queue():
+    g = torch.Generator().manual_seed(3)
+    q = unit(3, 8, g=g).requires_grad_()
+    k = unit(3, 8, g=g).requires_grad_()
+    queue = unit(5, 8, g=g).requires_grad_()
+    tau = 0.2
+    loss = contrastive_loss(q, k, queue, tau)
+    expected = 0.0
+    for i in range(3):
+        pos = math.exp(float(q[i].detach() @ k[i].detach()) / tau)
+        neg = sum(math.exp(float(q[i].detach() @ n.detach()) / tau) for n in queue)
+        expected += -math.log(pos / (pos + neg)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert k.grad is None and queue.grad is None
+
+
+def test_queue_is_a_fifo_ring():
+    branch = CLISBranch(hidden_dim=8, feat_dim=8, task_head=None, embed_dim=2, queue_size=4)
+    keys = torch.arange(12, dtype=torch.float32).view(6, 2)
+    branch.enqueue(keys[:3])
+    assert torch.equal(branch.queue_keys(), keys[:3])
+    branch.enqueue(keys[3:6])  # wraps: slots 3, 0, 1
+    assert int(branch.queue_len) == 4 and int(branch.queue_ptr) == 2
+    assert torch.equal(branch.queue, torch.stack([keys[4], keys[5], keys[2], keys[3]]))
+    branch.enqueue(torch.zeros(0, 2))
+    assert int(branch.queue_ptr) == 2
+
+
+# -- the detector with its CLIS branch --------------------------------------------------------------
+def clis_model(task_head_dim=64, siamese=True, alpha=0.1, beta=0.05, queue_size=32, seed=0):
+    torch.manual_seed(seed)
+    cfg = model_config("tiny", {"head": {"task_head_dim": task_head_dim}})
+    model, base, post = build_model(cfg, torch.randn(C, E), torch.arange(1, C + 1))
+    criterion = attach_clis(model, base, CLISConfig(alpha=alpha, beta=beta, queue_size=queue_size,
+                                                    siamese=siamese, embed_dim=16))
+    return model, criterion, base, cfg
+
+
+def mixed_batch(g, paste=True):
+    """Two detection images and one mosaic (4 tiles, one unlabelled), with one region pasted."""
+    images = torch.randn(3, 3, 96, 128, generator=g)
+    mask = torch.zeros(3, 96, 128, dtype=torch.bool)
+    targets = []
+    for i, n in enumerate((3, 2)):
+        centres = torch.rand(n, 2, generator=g) * 0.4 + 0.3
+        targets.append({"boxes": torch.cat([centres, torch.rand(n, 2, generator=g) * 0.2 + 0.1], 1),
+                        "labels": torch.randint(0, C, (n,), generator=g), "image_id": i,
+                        "size": torch.tensor([128, 160]), "orig_size": torch.tensor([128, 160])})
+    tiles = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.25, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5],
+                          [0.75, 0.75, 0.5, 0.5]])
+    targets.append({"boxes": tiles, "labels": torch.tensor([1, 4, -1, 6]), "image_id": -1,
+                    "tile_boxes": tiles * torch.tensor([1.0, 1.0, 0.6, 0.6]), "tile_labels": torch.tensor([1, 4, -1, 6]),
+                    "size": torch.tensor([128, 160]), "orig_size": torch.tensor([128, 160])})
+    if paste:
+        for t in targets:
+            t["box_mask"] = torch.ones(len(t["boxes"]), dtype=torch.bool)
+            t["paste_tile"] = torch.full((len(t["boxes"]),), -1, dtype=torch.long)
+        t = targets[0]
+        t["boxes"] = torch.cat([t["boxes"], torch.tensor([[0.2, 0.2, 0.2, 0.2]])])
+        t["labels"] = torch.cat([t["labels"], torch.tensor([4])])
+        t["box_mask"] = torch.cat([t["box_mask"], torch.tensor([False])])
+        t["paste_tile"] = torch.cat([t["paste_tile"], torch.tensor([1])])  # tile 1 of the mosaic
+    return images, mask, targets
+
+
+def test_tile_and_instance_branches_share_parameter_objects():
+    model, _, _, _ = clis_model()
+    head = model.class_head
+    assert isinstance(head, TaskHeadClassifier)
+    assert model.branch.tile_task_head_of(model) is head.task_head
+    assert model.branch._classifier(model) is head.classifier
+    branch_params = {id(p) for p in model.branch.parameters()}
+    assert not branch_params & {id(p) for p in head.parameters()}  # one owner of H_cls in the state_dict
+    assert not any(k.startswith("branch.") and "task_head" in k and "key_" not in k for k in model.state_dict())
+    # The tile logits are exactly the shared head's on the tile states.
+    g = torch.Generator().manual_seed(1)
+    images, mask, targets = mixed_batch(g)
+    model.train()
+    out = model(images, mask, targets)["clis"]
+    assert len(out["tile_logits"]) == 2 and out["tile_logits"][-1].shape == (3, 4, C)
+    assert out["tile_valid"].sum() == 4 and out["tile_valid"][2].all() and not out["tile_valid"][:2].any()
+    # "Without SS": a deep copy of H_cls, same values, different objects.
+    model2, _, _, _ = clis_model(siamese=False)
+    copy_head = model2.branch.tile_task_head_of(model2)
+    assert copy_head is not model2.class_head.task_head
+    for a, b in zip(copy_head.parameters(), model2.class_head.task_head.parameters()):
+        assert a is not b and torch.equal(a, b)
+
+
+def test_tile_queries_leave_the_matching_queries_outputs_unchanged():
+    model, _, _, _ = clis_model()
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    images, mask, targets = mixed_batch(g, paste=False)
+    plain = [{k: v for k, v in t.items() if not k.startswith("tile_")} for t in targets]
+    torch.manual_seed(5)
+    with_tiles = model(images, mask, targets)
+    torch.manual_seed(5)
+    without = model(images, mask, plain)
+    assert "clis" in with_tiles
+    for key in ("pred_logits", "pred_boxes", "pred_semantic"):
+        assert torch.equal(with_tiles[key], without[key])
+        assert torch.equal(with_tiles["aux_outputs"][0][key], without["aux_outputs"][0][key])
+        assert torch.equal(with_tiles["dn_outputs"][key], without["dn_outputs"][key])
+
+
+def test_separate_tile_pass_equals_the_joint_attention_masked_pass():
+    """The branch decodes tiles apart; that must equal one decoder pass with the tile queries appended
+    and masked (no other query sees them, each sees only itself)."""
+    model, _, _, _ = clis_model()
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, 128, 160, generator=g)
+    mask = torch.zeros(2, 128, 160, dtype=torch.bool)
+    mask[1, :, 128:] = True
+    with torch.no_grad():
+        srcs, masks, pos = model.features(images, mask)
+        mem = model.transformer.encode(srcs, masks, pos)
+        q, e, d = 20, 3, model.transformer.d_model
+        tgt, ref = torch.randn(2, q, d, generator=g), inverse_sigmoid(torch.rand(2, q, 4, generator=g) * 0.5 + 0.2)
+        tiles, tref = torch.randn(2, e, d, generator=g), inverse_sigmoid(torch.rand(2, e, 4, generator=g) * 0.5 + 0.2)
+        joint_mask = torch.zeros(q + e, q + e, dtype=torch.bool)
+        joint_mask[:q, q:] = True  # matching queries do not see tiles
+        joint_mask[q:, :] = True
+        joint_mask[q:, q:] = ~torch.eye(e, dtype=torch.bool)  # a tile sees only itself
+        joint, _ = model.transformer.decoder(torch.cat([tgt, tiles], 1), torch.cat([ref, tref], 1), mem, joint_mask)
+        main, _ = model.transformer.decoder(tgt, ref, mem)
+        apart, _ = model.transformer.decoder(tiles, tref, mem, ~torch.eye(e, dtype=torch.bool))
+    for j, m, a in zip(joint, main, apart):
+        torch.testing.assert_close(j[:, :q], m, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(j[:, q:], a, rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_beta_zero_with_tss_off_is_the_baseline_loss_exactly():
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    baseline, base_criterion, _ = build_model(cfg, torch.randn(C, E), torch.arange(1, C + 1))
+    model = copy.deepcopy(baseline)
+    criterion = attach_clis(model, copy.deepcopy(base_criterion), CLISConfig(alpha=0.0, beta=0.0, queue_size=8))
+    g = torch.Generator().manual_seed(6)
+    images, mask, targets = mixed_batch(g, paste=False)
+    plain = [{k: v for k, v in t.items() if not k.startswith("tile_")} for t in targets]
+    baseline.train()
+    model.train()
+    torch.manual_seed(9)
+    base_losses = base_criterion(baseline(images, mask, plain), plain)
+    base_total = base_criterion.weighted_total(base_losses)
+    torch.manual_seed(9)
+    losses = criterion(model(images, mask, targets), targets)
+    total = criterion.weighted_total(losses)
+    assert losses["loss_imcls"] > 0 and losses["loss_imcls_0"] > 0  # computed, weighted 0
+    assert all(torch.equal(losses[k], v) for k, v in base_losses.items())
+    assert torch.equal(total, base_total)
+
+
+def test_clis_step_trains_the_branch_and_never_the_key_encoder_or_queue():
+    model, criterion, _, _ = clis_model(queue_size=8)
+    g = torch.Generator().manual_seed(7)
+    images, mask, targets = mixed_batch(g)
+    model.train()
+    key_before = [p.clone() for p in model.branch.key_proj.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        losses = criterion(model(images, mask, targets), targets)
+        assert set(losses) <= set(criterion.weight_dict) and {"loss_con", "loss_imcls", "loss_imcls_0"} <= set(losses)
+        assert all(torch.isfinite(v) for v in losses.values())
+        if step == 0:
+            assert losses["loss_con"].item() == 0.0  # empty queue
+        else:
+            assert losses["loss_con"].item() > 0
+        criterion.weighted_total(losses).backward()
+        assert int(model.branch.queue_len) == step + 1  # one paste per step enqueued
+        assert model.branch.tile_content.grad.abs().sum() > 0
+        if step == 1:  # L_con over an empty queue is constant 0 (one logit), so W learns from step 2
+            assert model.branch.proj.weight.grad.abs().sum() > 0
+        assert model.class_head.task_head[0].weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in (*model.branch.key_proj.parameters(),
+                                            *model.branch.key_task_head.parameters()))
+        assert not model.branch.queue.requires_grad
+        opt.step()
+    # The key copies follow the online W with momentum m.
+    m = model.branch.momentum
+    online, key_prev = model.branch.proj.weight.detach().clone(), model.branch.key_proj.weight.clone()
+    assert not torch.equal(key_prev, key_before[0])  # moved by the second step's update
+    model.branch.momentum_update(model)
+    torch.testing.assert_close(model.branch.key_proj.weight, m * key_prev + (1 - m) * online, rtol=0, atol=1e-7)
+
+
+def test_pasted_region_gets_class_loss_only():
+    model, criterion, base, _ = clis_model()
+    model.train()
+    g = torch.Generator().manual_seed(8)
+    images, mask, targets = mixed_batch(g)
+    out = model(images, mask, targets)
+    indices = base.matcher(out, targets)
+    # Moving the pasted box's target changes no box loss; moving an ordinary one does.
+    moved = [dict(t) for t in targets]
+    moved[0]["boxes"] = targets[0]["boxes"].clone()
+    moved[0]["boxes"][-1] += 0.05
+    a = base.loss_boxes(out, targets, indices, 5.0)
+    b = base.loss_boxes(out, moved, indices, 5.0)
+    assert torch.equal(a["loss_bbox"], b["loss_bbox"]) and torch.equal(a["loss_giou"], b["loss_giou"])
+    moved[0]["boxes"][0] += 0.05
+    assert base.loss_boxes(out, moved, indices, 5.0)["loss_bbox"] != a["loss_bbox"]
+
+
+def test_export_drops_the_branch_and_keeps_the_task_head(tmp_path):
+    model, _, _, cfg = clis_model()
+    path = tmp_path / "clis.pt"
+    save_checkpoint(path, model, cfg)
+    out = tmp_path / "inference.pt"
+    dropped = export_inference_model(path, out)
+    assert any(k.startswith("branch.queue") for k in dropped) and any("key_proj" in k for k in dropped)
+    assert not any(k.startswith("class_head.task_head") for k in dropped)
+    model.eval()
+    images = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        expected = model(images)
+        for p in (path, out):  # the training checkpoint and the export give the same predictions
+            loaded = load_model(p)
+            assert loaded.branch is None and isinstance(loaded.class_head, TaskHeadClassifier)
+            got = loaded(images)
+            assert torch.equal(got["pred_logits"], expected["pred_logits"])
+
+
+# -- data helpers -----------------------------------------------------------------------------------
+def test_region_on_canvas_by_hand_with_and_without_flip():
+    visible = np.array([0.0, 0.0, 1.0, 0.5])  # the top half of the photo is visible
+    tile = np.array([100.0, 50.0, 300.0, 150.0])  # shown at 200 x 100 pixels
+    region = np.array([0.25, 0.1, 0.5, 0.4])
+    np.testing.assert_allclose(region_on_canvas(region, visible, False, tile), [150, 70, 200, 130])
+    np.testing.assert_allclose(region_on_canvas(region, visible, True, tile), [200, 70, 250, 130])
+    np.testing.assert_allclose(region_on_canvas(np.array([0.9, 0.4, 1.0, 0.9]), visible, False, tile),
+                               [280, 130, 300, 150])  # clipped to the visible part
+    assert region_on_canvas(np.array([0.1, 0.6, 0.5, 0.9]), visible, False, tile) is None
+
+
+def test_tile_query_boxes_use_regions_and_fall_back_to_whole_tiles(tmp_path):
+    regions = PredefinedRegions.empty(2, 5, detector="x")
+    regions.regions[1, 3] = [0.0, 0.0, 0.5, 0.5]
+    path = tmp_path / "regions.npz"
+    regions.save(path)
+    loaded = PredefinedRegions.load(path)
+    assert loaded.attrs["detector"] == "x" and loaded.get(1, 3).tolist() == [0.0, 0.0, 0.5, 0.5]
+    assert loaded.get(0, 0) is None and loaded.get(5, 0) is None and loaded.get(-1, 0) is None
+    target = {"boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
+              "rows": torch.tensor([[1, 3], [1, 4]]), "regions": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2,
+                                                                             dtype=torch.float64),
+              "flipped": torch.tensor([False, False])}
+    boxes = tile_query_boxes(target, loaded)
+    torch.testing.assert_close(boxes[0], torch.tensor([0.125, 0.125, 0.25, 0.25]))
+    torch.testing.assert_close(boxes[1], target["boxes"][1])  # no region: the whole tile
+    torch.testing.assert_close(tile_query_boxes(target, None), target["boxes"])
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, regions=np.zeros((1, 1, 4)))
+    with pytest.raises(LtDistillError, match="cannot read"):
+        PredefinedRegions.load(bad)
+    with pytest.raises(LtDistillError, match="not found"):
+        PredefinedRegions.load(tmp_path / "missing.npz")
+
+
+def test_occlusion_update_like_copy_paste():
+    boxes = torch.tensor([[10.0, 10, 20, 20],    # fully covered -> dropped
+                          [0, 12, 30, 18],       # hole in the middle -> unchanged
+                          [5, 10, 15, 20],       # right part covered (full height) -> x1 = 10
+                          [12, 5, 18, 15],       # bottom part covered (full width) -> y1 = 10
+                          [50, 50, 60, 60]])     # untouched
+    out, keep = occlude_boxes(boxes, torch.tensor([10.0, 10, 20, 20]))
+    assert keep.tolist() == [False, True, True, True, True]
+    assert out[1].tolist() == [0, 12, 30, 18]
+    assert out[2].tolist() == [5, 10, 10, 20]
+    assert out[3].tolist() == [12, 5, 18, 10]
+    assert out[4].tolist() == [50, 50, 60, 60]
+
+
+def test_paste_region_adds_a_class_only_box_and_updates_occluded_ones():
+    image = torch.zeros(3, 100, 200)
+    target = {"boxes": torch.tensor([[0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([3, 5]),
+              "soft_labels": torch.ones(2, C) / C, "soft_mask": torch.tensor([True, True]),
+              "ann_ids": torch.tensor([11, 12]), "area": torch.tensor([200.0, 800.0]), "image_id": 1}
+    patch = torch.ones(3, 40, 60)
+    out_image, out = paste_region(image, target, patch, label=2, tile=7, xy=(70, 30))
+    assert out_image[:, 30:70, 70:130].eq(1).all() and out_image.sum() == patch.sum()
+    assert out["labels"].tolist() == [3, 2]  # box 1 (80..120 x 40..60) was fully covered
+    assert out["ann_ids"].tolist() == [11, -1] and out["soft_mask"].tolist() == [True, False]
+    assert out["box_mask"].tolist() == [True, False] and out["paste_tile"].tolist() == [-1, 7]
+    assert out["soft_labels"][1].sum() == 0 and out["area"].tolist() == [200.0, 2400.0]
+    torch.testing.assert_close(out["boxes"][1], torch.tensor([0.5, 0.5, 0.3, 0.4]))
+    with pytest.raises(ValueError, match="does not fit"):
+        paste_region(image, target, patch, 2, 7, (150, 0))
+
+
+def test_mixer_builds_one_batch_with_tile_anchors_and_pastes():
+    g = torch.Generator().manual_seed(9)
+    det_images = torch.randn(2, 3, 96, 128, generator=g)
+    det_mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    det_mask[1, 80:] = True  # the second image is 80 rows high
+    det_targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([1]),
+                    "soft_labels": torch.zeros(1, C), "soft_mask": torch.tensor([False]), "image_id": i}
+                   for i in range(2)]
+    cls_targets = [{"boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
+                    "labels": torch.tensor([4, -1]), "soft_labels": torch.zeros(2, C),
+                    "soft_mask": torch.tensor([False, False]), "rows": torch.tensor([[0, 0], [0, 1]]),
+                    "regions": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2, dtype=torch.float64),
+                    "flipped": torch.tensor([False, True]), "image_id": -1 - i} for i in range(2)]
+    det = {"images": det_images, "pixel_mask": det_mask, "targets": det_targets, "skipped": {"a": 1}}
+    cls = {"images": torch.randn(2, 3, 64, 64, generator=g), "pixel_mask": torch.zeros(2, 64, 64, dtype=torch.bool),
+           "targets": cls_targets, "skipped": {"a": 2}}
+    mixer = CLISBatchMixer(None, paste_tiles=2, paste_scale=(0.2, 0.4), seed=0)
+    batch = mixer(det, cls)
+    assert batch["images"].shape == (4, 3, 96, 128) and batch["source"] == "mixed"
+    assert batch["pixel_mask"][1, 80:].all() and batch["pixel_mask"][2, :, 64:].all()
+    assert batch["skipped"] == {"a": 3}
+    targets = batch["targets"]
+    assert [t["image_id"] for t in targets] == [0, 1, -1, -2]
+    assert all("box_mask" in t and "paste_tile" in t for t in targets)
+    pasted = torch.cat([t["paste_tile"] for t in targets[:2]])
+    # Two labelled tiles (flat indices 0 and 2), both pasted once, with their labels and class loss only.
+    assert sorted(pasted[pasted >= 0].tolist()) == [0, 2]
+    for t in targets[:2]:
+        p = t["paste_tile"] >= 0
+        assert (t["labels"][p] == 4).all() and not t["box_mask"][p].any()
+    torch.testing.assert_close(targets[2]["tile_boxes"], cls_targets[0]["boxes"])
+    assert targets[2]["tile_labels"].tolist() == [4, -1]
+    # The same seed gives the same stream (exact replay on resume).
+    again = CLISBatchMixer(None, paste_tiles=2, paste_scale=(0.2, 0.4), seed=0)(det, cls)
+    assert torch.equal(again["images"], batch["images"])
+    no_det = CLISBatchMixer(None, 2, (0.2, 0.4), mosaic_det_loss=False)(det, cls)
+    assert len(no_det["targets"][2]["boxes"]) == 0 and no_det["targets"][2]["tile_labels"].tolist() == [4, -1]
+
+
+def test_clis_config_rejects_bad_values():
+    for bad in ({"tau": 0}, {"momentum": 1.0}, {"beta": -1}, {"paste_scale": (0.5, 0.2)}, {"mosaics_per_image": 0}):
+        with pytest.raises(ValueError):
+            dataclasses.replace(CLISConfig(), **bad)
