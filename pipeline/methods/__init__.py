@@ -15,10 +15,11 @@ from ...config import from_dict, to_dict
 from ...errors import ConfigError
 from .base import CriterionHook, Method, ModelExtension, NoOptions, TrainingStage
 from .baseline import Baseline
+from .clis import CLIS
 from .richsem import RichSem
 
 DEFAULT_METHOD = "richsem"
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RichSem, Baseline)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RichSem, Baseline, CLIS)}
 
 
 def build_method(name: str = DEFAULT_METHOD, options: dict[str, Any] | None = None) -> Method:

@@ -193,15 +193,15 @@ def _unpad(batch: dict[str, Any]) -> list[torch.Tensor]:
 class CLISBatchMixer:
     """Detection batch + mosaic batch -> one CLIS batch: tile-query anchors and labels on the mosaics,
     ``paste_tiles`` labelled tile regions pasted into random detection images (when > 0), then one padded
-    batch (detection images first). Draws from its own ``random.Random(seed)``, so a replayed stream is
+    batch (detection images first). The mosaics keep their whole-tile boxes and hard labels as detection
+    targets (the baseline's coarse locations), so CLIS adds to the baseline rather than replacing it. Draws from its own ``random.Random(seed)``, so a replayed stream is
     the same stream."""
 
     def __init__(self, regions: PredefinedRegions | None, paste_tiles: int, paste_scale: tuple[float, float],
-                 mosaic_det_loss: bool = True, seed: int = 0) -> None:
+                 seed: int = 0) -> None:
         self.regions = regions
         self.paste_tiles = paste_tiles
         self.paste_scale = tuple(paste_scale)
-        self.mosaic_det_loss = mosaic_det_loss
         self.rng = random.Random(seed)
 
     def __call__(self, det: dict[str, Any], cls: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +214,6 @@ class CLISBatchMixer:
             t["tile_labels"] = t["labels"].clone()
             for j, label in enumerate(t["tile_labels"].tolist()):
                 tiles.append((m, j, len(tiles), label))
-            if not self.mosaic_det_loss:  # tiles only through their queries (the paper's setting)
-                for key in ("boxes", "labels", "soft_labels", "soft_mask"):
-                    if key in t:
-                        t[key] = t[key][:0]
             cls_targets.append(t)
         labelled = [tile for tile in tiles if tile[3] >= 0]
         if det_images and self.paste_tiles > 0:
@@ -256,17 +252,30 @@ class CLISBatchMixer:
 
 
 class MixedLoader(AlternatingLoader):
-    """One mixed batch per step (:class:`CLISBatchMixer`): each detection batch with the next batch of
-    mosaics. Same interface as :class:`AlternatingLoader` (``set_epoch``; ``len`` = batches per epoch,
-    here the detection batches)."""
+    """One mixed batch per step (:class:`CLISBatchMixer`): each detection batch with the next
+    ``mosaics_per_batch`` batches of mosaics. Same interface as :class:`AlternatingLoader` (``set_epoch``;
+    ``len`` = batches per epoch, here the detection batches)."""
 
-    def __init__(self, detection: DataLoader, classification: DataLoader, mixer: CLISBatchMixer) -> None:
+    def __init__(self, detection: DataLoader, classification: DataLoader, mixer: CLISBatchMixer,
+                 mosaics_per_batch: int = 1) -> None:
         super().__init__(detection, classification)
         self.mixer = mixer
+        self.mosaics_per_batch = mosaics_per_batch
 
     def __len__(self) -> int:
         return len(self.detection)
 
+    def _mosaics(self) -> dict[str, Any]:
+        parts = [self._next_classification() for _ in range(self.mosaics_per_batch)]
+        if len(parts) == 1:
+            return parts[0]
+        images, mask = pad_images([im for p in parts for im in _unpad(p)])
+        skipped: collections.Counter = collections.Counter()
+        for p in parts:
+            skipped.update(p.get("skipped", {}))
+        return {"images": images, "pixel_mask": mask, "targets": [t for p in parts for t in p["targets"]],
+                "skipped": dict(skipped)}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.detection:
-            yield self.mixer(batch, self._next_classification())
+            yield self.mixer(batch, self._mosaics())

@@ -80,6 +80,8 @@ def build_model(
     contributes extension modules and criterion hooks; its config overrides are already in ``cfg``.
     """
     model = build_detector(cfg, text_embeddings, method)
+    if method is not None:  # a training-only branch (not rebuilt by load_model for evaluation)
+        model.branch = method.model_branch(model)
     if class_image_counts is not None and len(class_image_counts) != model.num_classes:
         raise ValueError(f"class_image_counts has {len(class_image_counts)} entries for {model.num_classes} classes")
     hooks = method.criterion_hooks(model.num_classes) if method is not None else None
