@@ -494,3 +494,42 @@ def test_clis_under_torchrun_keeps_replicas_equal_and_a_queue_per_rank(dataset, 
     q0, q1 = (s["hooks.clis.queue"] for s in ckpt["criterion_ranks"])
     assert int(ckpt["criterion_ranks"][0]["hooks.clis.queue_len"]) == 6
     assert not torch.equal(q0, q1)  # each rank queues its own keys (not synchronised)
+
+
+def test_clis_regions_command_stores_the_best_box_of_each_rows_class(dataset, tmp_path):
+    from lt_distill.cli import main
+    from lt_distill.pipeline.data.classification import decode_sample_image
+    from lt_distill.pipeline.data import transforms as T
+    from lt_distill.pipeline.shards import expand_shards, iter_tar_samples
+    from lt_distill.store import LabelReader
+
+    ds, store = dataset
+    reader = LabelReader(store)
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    model, _, _ = build_model(cfg, torch.as_tensor(np.asarray(reader.text_embeddings())).float())
+    save_checkpoint(tmp_path / "det.pt", model, cfg)
+    out = tmp_path / "regions.npz"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["clis-regions", "--checkpoint", str(tmp_path / "det.pt"), "--shards", ds.cls_shards, "--store",
+              str(store), "--out", str(out), "--image-size", "96", "--max-size", "128", "--batch-size", "3"])
+    assert exit_info.value.code == 0
+    regions = PredefinedRegions.load(out)
+    assert regions.regions.shape[:2] == (reader.layout.num_shards, reader.layout.shard_capacity)
+    assert "sha256:" in regions.attrs["detector"]
+    # One image by hand: its row's region is the detector's top-scoring box for the row's hard label.
+    model.eval()
+    shard_url = expand_shards(ds.cls_shards)[1]
+    raw = next(iter(iter_tar_samples(shard_url)))
+    label = int(reader.hard_label(1, 0))
+    assert label >= 0
+    image, _ = T.resize(decode_sample_image(raw.fields), {}, 96, 128)
+    image, _ = T.normalize(image, {}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.no_grad():
+        pred = model(image[None])
+    best = pred["pred_logits"][0, :, label].argmax()
+    cx, cy, w, h = pred["pred_boxes"][0, best].tolist()
+    np.testing.assert_allclose(regions.get(1, 0), np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 1),
+                               atol=1e-4)
+    labelled = sum(int(reader.hard_label(s, r)) >= 0 for s in range(2) for r in range(8))
+    assert (~np.isnan(regions.regions[..., 0])).sum() == labelled
