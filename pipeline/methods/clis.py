@@ -69,16 +69,16 @@ class CLISConfig:
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0:
-            raise ValueError("clis.alpha and clis.beta must be >= 0")
+            raise ValueError("alpha and clis.beta must be >= 0")
         if self.tau <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError("clis.tau must be > 0 and clis.momentum in [0, 1)")
+            raise ValueError("tau must be > 0 and clis.momentum in [0, 1)")
         if self.task_head_dim < 0:
-            raise ValueError("clis.task_head_dim must be >= 0 (0 = TSS off)")
+            raise ValueError("task_head_dim must be >= 0 (0 = TSS off)")
         if self.embed_dim < 1 or self.queue_size < 0 or self.paste_tiles < 0 or self.mosaics_per_image < 1:
-            raise ValueError("clis.embed_dim and mosaics_per_image must be >= 1, queue_size and paste_tiles >= 0")
+            raise ValueError("embed_dim and mosaics_per_image must be >= 1, queue_size and paste_tiles >= 0")
         lo, hi = self.paste_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"clis.paste_scale must satisfy 0 < lo <= hi <= 1, got {self.paste_scale}")
+            raise ValueError(f"paste_scale must satisfy 0 < lo <= hi <= 1, got {self.paste_scale}")
 
 
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
