@@ -69,9 +69,9 @@ class CLISConfig:
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0:
-            raise ValueError("alpha and clis.beta must be >= 0")
+            raise ValueError("alpha and beta must be >= 0")
         if self.tau <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError("tau must be > 0 and clis.momentum in [0, 1)")
+            raise ValueError("tau must be > 0 and momentum in [0, 1)")
         if self.task_head_dim < 0:
             raise ValueError("task_head_dim must be >= 0 (0 = TSS off)")
         if self.embed_dim < 1 or self.queue_size < 0 or self.paste_tiles < 0 or self.mosaics_per_image < 1:
