@@ -220,10 +220,11 @@ class CLISLoss(CriterionHook):
     and each rank's own (never synchronised: its own keys are its negatives)."""
 
     def __init__(self, alpha: float = 0.1, beta: float = 0.05, tau: float = 0.2, embed_dim: int = 128,
-                 queue_size: int = 115_712):
+                 queue_size: int = 115_712, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
         super().__init__()
         self.weights = {"loss_imcls": alpha, "loss_con": beta}
         self.beta, self.tau = beta, tau
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.register_buffer("queue", torch.zeros(queue_size, embed_dim))
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -267,7 +268,7 @@ class CLISLoss(CriterionHook):
             if classes is not None:
                 sub = classes.to(logits.device)
                 logits, onehot = logits[:, sub], onehot[:, sub]
-            total = total + sigmoid_focal_loss(logits, onehot).sum() / num_tiles
+            total = total + sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_tiles
         return total
 
     def contrastive(self, clis: dict[str, Any], targets: list[dict], indices: list) -> torch.Tensor:
@@ -300,9 +301,11 @@ class CLIS(Method):
     def model_overrides(self) -> dict[str, Any]:
         return {"head": {"semantic_branch": False, "task_head_dim": self.options.task_head_dim}}
 
-    def criterion_hooks(self, num_classes: int) -> dict[str, CriterionHook]:
+    def criterion_hooks(self, num_classes: int, hidden_dim: int = 0, loss: Any = None) -> dict[str, CriterionHook]:
+        """``loss``: the model's ``LossConfig`` (its focal alpha / gamma serve L_imcls too)."""
         o = self.options
-        return {"clis": CLISLoss(o.alpha, o.beta, o.tau, o.embed_dim, o.queue_size)}
+        focal = (loss.focal_alpha, loss.focal_gamma) if loss is not None else (0.25, 2.0)
+        return {"clis": CLISLoss(o.alpha, o.beta, o.tau, o.embed_dim, o.queue_size, *focal)}
 
     def model_branch(self, model: nn.Module) -> nn.Module:
         head = model.class_head
