@@ -26,7 +26,7 @@ from lt_distill.pipeline.methods.clis_data import (
     tile_query_boxes,
 )
 from lt_distill.pipeline.model import build_model, export_inference_model, load_model, model_config, save_checkpoint
-from lt_distill.pipeline.model.box_ops import inverse_sigmoid
+from lt_distill.pipeline.model.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from lt_distill.pipeline.model.dino import TaskHeadClassifier
 
 sys.path.insert(0, str(Path(__file__).parent))  # test_train's data helpers
@@ -527,9 +527,12 @@ def test_clis_regions_command_stores_the_best_box_of_each_rows_class(dataset, tm
     image, _ = T.normalize(image, {}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     with torch.no_grad():
         pred = model(image[None])
-    best = pred["pred_logits"][0, :, label].argmax()
-    cx, cy, w, h = pred["pred_boxes"][0, best].tolist()
-    np.testing.assert_allclose(regions.get(1, 0), np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, 1),
-                               atol=1e-4)
+    # Batched CPU arithmetic may differ in the last bits, which can flip near-tied queries of a random
+    # detector: the stored region must be the box of a query scoring (within 1e-4) the best score.
+    scores = pred["pred_logits"][0, :, label].float().sigmoid()
+    assert regions.scores[1, 0] == pytest.approx(float(scores.max()), abs=1e-4)
+    boxes = box_cxcywh_to_xyxy(pred["pred_boxes"][0]).clamp(0, 1)
+    near_best = boxes[scores >= scores.max() - 1e-4]
+    assert (near_best - torch.as_tensor(regions.get(1, 0))).abs().max(-1).values.min() < 1e-4
     labelled = sum(int(reader.hard_label(s, r)) >= 0 for s in range(2) for r in range(8))
     assert (~np.isnan(regions.regions[..., 0])).sum() == labelled

@@ -249,14 +249,14 @@ class CLISLoss(CriterionHook):
 
     # -- losses ------------------------------------------------------------------------------------
     def extra_losses(self, outputs: dict[str, Any], targets: list[dict], indices: list, num_boxes: float,
-                     classes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                     classes: Any) -> dict[str, torch.Tensor]:
         clis = outputs.get(CLISBranch.output_key)
         if clis is None:  # no branch output (e.g. a batch without targets)
             return {}
         return {"loss_imcls": self.image_classification(clis, classes),
                 "loss_con": self.contrastive(clis, targets, indices) if self.beta > 0 else clis["keepalive"]}
 
-    def image_classification(self, clis: dict[str, Any], classes: torch.Tensor | None) -> torch.Tensor:
+    def image_classification(self, clis: dict[str, Any], classes: Any) -> torch.Tensor:
         keep = clis["tile_valid"] & (clis["tile_labels"] >= 0)
         labels = clis["tile_labels"][keep]
         num_tiles = _mean_count(len(labels), clis["hidden"].device)
@@ -265,8 +265,10 @@ class CLISLoss(CriterionHook):
             logits = logits[keep].float()
             onehot = torch.zeros_like(logits)
             onehot[torch.arange(len(labels), device=logits.device), labels] = 1
-            if classes is not None:
-                sub = classes.to(logits.device)
+            # The criterion hands a per-loss subset drawer (or a fixed subset); None = every class.
+            sub = classes() if callable(classes) else classes
+            if sub is not None:
+                sub = sub.to(logits.device)
                 logits, onehot = logits[:, sub], onehot[:, sub]
             total = total + sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_tiles
         return total

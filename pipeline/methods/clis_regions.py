@@ -21,7 +21,6 @@ import torch
 from ...store import LabelReader
 from ..data import transforms as T
 from ..data.classification import StoreRows, decode_sample_image
-from ..data.collate import pad_images
 from ..model.box_ops import box_cxcywh_to_xyxy
 from ..model.dino import DINO
 from ..shards import iter_tar_samples
@@ -68,9 +67,19 @@ def compute_predefined_regions(model: DINO, urls: Sequence[str], reader: LabelRe
     pending: list[tuple[int, int, int, torch.Tensor]] = []
 
     def flush() -> None:
-        images, mask = pad_images([im for *_, im in pending])
-        out = model(images.to(device), mask.to(device))
-        for i, (shard, row, label, image) in enumerate(pending):
+        # One forward per image size, without padding: padding changes the backbone's features near the
+        # border and with them which query scores best, so an image's region would depend on its batch.
+        by_size: dict[tuple[int, ...], list[tuple[int, int, int, torch.Tensor]]] = {}
+        for item in pending:
+            by_size.setdefault(tuple(item[-1].shape), []).append(item)
+        for group in by_size.values():
+            run(group)
+        pending.clear()
+
+    def run(group: list[tuple[int, int, int, torch.Tensor]]) -> None:
+        images = torch.stack([im for *_, im in group])
+        out = model(images.to(device))
+        for i, (shard, row, label, _) in enumerate(group):
             scores = out["pred_logits"][i, :, label].float().sigmoid()
             best = int(scores.argmax())
             # Boxes are normalised by the unpadded image, which is the whole original image resized.
@@ -78,7 +87,6 @@ def compute_predefined_regions(model: DINO, urls: Sequence[str], reader: LabelRe
             regions.regions[shard, row] = box
             regions.scores[shard, row] = float(scores[best])
             counts["regions"] += 1
-        pending.clear()
 
     for shard, row, label, image in _labelled_images(urls, StoreRows(reader), counts):
         image, _ = T.resize(image, {}, image_size, max_size)
