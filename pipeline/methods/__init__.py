@@ -16,10 +16,11 @@ from ...errors import ConfigError
 from .bacl import BACL
 from .base import CriterionHook, Method, ModelExtension, NoOptions, TrainingStage
 from .baseline import Baseline
+from .clis import CLIS
 from .richsem import RichSem
 
 DEFAULT_METHOD = "richsem"
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RichSem, Baseline, BACL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RichSem, Baseline, BACL, CLIS)}
 
 
 def build_method(name: str = DEFAULT_METHOD, options: dict[str, Any] | None = None) -> Method:

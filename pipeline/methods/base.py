@@ -11,6 +11,10 @@ which method is running. A method contributes:
 * ``criterion_hooks(num_classes, hidden_dim, loss)``: extra, named loss terms and class-loss adjustments
   (:class:`CriterionHook`); their weights join the criterion's ``weight_dict``, the one place where
   losses are weighted; their buffers are the method's checkpoint state (``criterion.state_dict()``);
+* ``model_branch(model)``: a training-only module run after decoding (``DINO.branch``; CLIS's tile
+  queries), dropped on export;
+* ``train_loader(detection, classification, seed)``: the batch stream (default 1:1 alternation;
+  CLIS: detection images and mosaics in one batch);
 * ``prepare_model(model)``: the training stage's behaviour (which parameters train), before the
   optimizer is built;
 * ``training_stages()``: the consecutive runs of a full training (BACL: representation, then
@@ -107,6 +111,19 @@ class Method:
     def criterion_hooks(self, num_classes: int, hidden_dim: int, loss: Any) -> dict[str, CriterionHook]:
         """Named hooks for ``SetCriterion`` (``loss``: the model's ``LossConfig``, e.g. its focal settings)."""
         return {}
+
+    def model_branch(self, model: nn.Module) -> nn.Module | None:
+        """A training-only module the built detector runs after decoding (``DINO.branch``, e.g. CLIS's
+        tile queries); dropped on export and not rebuilt for evaluation (default: none)."""
+        return None
+
+    def train_loader(self, detection: Any, classification: Any, seed: int) -> Any:
+        """The training batch stream from this rank's detection and (optional) classification DataLoaders
+        (default: 1:1 alternating batches; CLIS: mixed batches). ``seed``: for the stream's own randomness,
+        so that a replayed stream (resume) is the same."""
+        from ..data.loader import AlternatingLoader
+
+        return AlternatingLoader(detection, classification)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Train-stage behaviour before the optimizer is built (default: everything trains)."""

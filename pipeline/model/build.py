@@ -10,7 +10,7 @@ from .backbone import build_backbone
 from .config import ModelConfig
 from .criterion import SetCriterion, build_criterion
 from .deformable_transformer import DeformableTransformer
-from .dino import DINO, LanguageClassifier, PostProcess, SemanticHead
+from .dino import DINO, LanguageClassifier, PostProcess, SemanticHead, TaskHeadClassifier
 
 if TYPE_CHECKING:
     from ..methods import Method
@@ -41,20 +41,23 @@ def build_detector(cfg: ModelConfig, text_embeddings: torch.Tensor, method: Meth
     # RichSem (models/richsem/richsem.py, CLIPAlign): projections bias-free, N(0, E^-0.5).
     init_std = embed_dim**-0.5 if richsem else None
 
-    def classifier() -> LanguageClassifier:
+    def classifier(in_dim: int = t.hidden_dim) -> LanguageClassifier:
         if richsem:  # CLIP's logit scale, frozen (RichSem: logit_scale.requires_grad = False), no bias
-            return LanguageClassifier(t.hidden_dim, embed_dim, 100.0, False, None, False, init_std)
-        return LanguageClassifier(t.hidden_dim, embed_dim, h.cls_logit_scale, h.learn_logit_scale, h.cls_prior_prob)
+            return LanguageClassifier(in_dim, embed_dim, 100.0, False, None, False, init_std)
+        return LanguageClassifier(in_dim, embed_dim, h.cls_logit_scale, h.learn_logit_scale, h.cls_prior_prob)
 
     semantic = None
     if h.semantic_branch:
         semantic = SemanticHead(t.hidden_dim, embed_dim, h.semantic_logit_scale, bias=not richsem, init_std=init_std)
+    # CLIS's task-specialised head sits between the decoder and its classifier (not the encoder's).
+    class_head = TaskHeadClassifier(t.hidden_dim, h.task_head_dim, classifier(h.task_head_dim)) \
+        if h.task_head_dim else classifier()
     return DINO(
         features,
         transformer,
         text_embeddings,
         num_queries=t.num_queries,
-        class_head=classifier(),
+        class_head=class_head,
         enc_class_head=classifier(),
         semantic_head=semantic,
         dn_number=cfg.denoising.dn_number,
@@ -77,6 +80,8 @@ def build_model(
     contributes extension modules and criterion hooks; its config overrides are already in ``cfg``.
     """
     model = build_detector(cfg, text_embeddings, method)
+    if method is not None:  # a training-only branch (not rebuilt by load_model for evaluation)
+        model.branch = method.model_branch(model)
     if class_image_counts is not None and len(class_image_counts) != model.num_classes:
         raise ValueError(f"class_image_counts has {len(class_image_counts)} entries for {model.num_classes} classes")
     hooks = method.criterion_hooks(model.num_classes, cfg.transformer.hidden_dim, cfg.loss) if method else None

@@ -22,6 +22,7 @@ from .config import ModelConfig, with_legacy_values
 from .dino import DINO
 
 SEMANTIC_PREFIX = "semantic_head."
+BRANCH_PREFIX = "branch."  # a method's training-only branch (CLIS tile queries, key encoder, queue)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: ModelConfig, **extra: Any) -> None:
@@ -70,6 +71,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINO:
     if "text_embeddings" not in state:
         raise LtDistillError(f"checkpoint {path} has no text_embeddings in its model state")
     model = build_detector(cfg, torch.zeros_like(state["text_embeddings"]), method_from_config(ckpt["config"]))
+    state = {k: v for k, v in state.items() if not k.startswith(BRANCH_PREFIX)}  # training only
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LtDistillError(f"checkpoint {path} does not fit its config: missing {missing}, unexpected {unexpected}")
@@ -77,19 +79,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> DINO:
 
 
 def export_inference_model(ckpt_path: str | Path, out_path: str | Path) -> list[str]:
-    """Write an inference checkpoint without the semantic branch; returns the dropped state_dict keys.
+    """Write an inference checkpoint without the semantic branch and any method's training branch
+    (``branch.*``: CLIS's tile queries, projection W, momentum copies and queue); returns the dropped
+    state_dict keys.
 
-    The semantic branch only feeds the training loss, so predictions are unchanged. Optimizer and
-    other training state are not copied.
+    Both only feed the training loss, so predictions are unchanged. Optimizer and other training
+    state are not copied.
     """
     ckpt = load_checkpoint(ckpt_path)
     cfg = model_config_from_checkpoint(ckpt)  # validates the config before anything is written
-    dropped = sorted(k for k in ckpt["model"] if k.startswith(SEMANTIC_PREFIX))
-    if not cfg.head.semantic_branch and dropped:
-        raise LtDistillError(f"{ckpt_path}: config says no semantic branch but the state has {dropped[:3]}")
+    semantic = sorted(k for k in ckpt["model"] if k.startswith(SEMANTIC_PREFIX))
+    if not cfg.head.semantic_branch and semantic:
+        raise LtDistillError(f"{ckpt_path}: config says no semantic branch but the state has {semantic[:3]}")
+    dropped = semantic + sorted(k for k in ckpt["model"] if k.startswith(BRANCH_PREFIX))
     config = copy.deepcopy(ckpt["config"])
     _model_section(config).setdefault("head", {})["semantic_branch"] = False
-    model_state = {k: v for k, v in ckpt["model"].items() if not k.startswith(SEMANTIC_PREFIX)}
+    model_state = {k: v for k, v in ckpt["model"].items() if not k.startswith((SEMANTIC_PREFIX, BRANCH_PREFIX))}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model_state, "config": config}, out_path)

@@ -87,6 +87,13 @@ class HeadConfig:
     # Semantic branch: log_softmax(semantic_logit_scale * cos(proj'(h), text)); dropped on export.
     semantic_branch: bool = True
     semantic_logit_scale: float = 100.0
+    # CLIS task-specialised classification sub-network H_cls (Linear D->n, ReLU, Linear n->n, ReLU) between
+    # the decoder and the language classifier, shared by all decoder layers; 0 = none (RichSem, BACL).
+    task_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task_head_dim < 0:
+            raise ValueError(f"head.task_head_dim must be >= 0 (0 = no task head), got {self.task_head_dim}")
 
 
 @dataclasses.dataclass

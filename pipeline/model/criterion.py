@@ -198,8 +198,12 @@ class SetCriterion(nn.Module):
         src_boxes = pred[batch, src]
         tgt_boxes = _gather_targets(targets, indices, "boxes", pred.device).to(pred.dtype)
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none")
+        if all("box_mask" in t for t in targets):  # False = class loss only (CLIS pasted regions)
+            keep = _gather_targets(targets, indices, "box_mask", pred.device).to(pred.dtype)
+            l1, giou = l1 * keep[:, None], 1 - (1 - giou) * keep
         return {
-            "loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes,
+            "loss_bbox": l1.sum() / num_boxes,
             "loss_giou": (1 - giou).sum() / num_boxes,
         }
 

@@ -9,7 +9,9 @@ Targets (training; list of B dicts):
 * ``"labels"`` int64 ``(n,)`` class indices; -1 = class unknown (box losses only),
 * ``"soft_labels"`` float ``(n, C)`` probability rows and ``"soft_mask"`` bool ``(n,)`` True where the
   soft label is valid (both optional; without them there is no semantic loss),
-* ``"orig_size"``, ``"size"`` int64 ``(2,)`` (h, w) and ``"image_id"`` (used by the post-processor / eval).
+* ``"orig_size"``, ``"size"`` int64 ``(2,)`` (h, w) and ``"image_id"`` (used by the post-processor / eval),
+* ``"box_mask"`` bool ``(n,)`` (optional, on every target or none): False = class loss only, no L1 /
+  GIoU (CLIS's pasted regions); a method's branch may read further keys (``pipeline.methods``).
 
 Outputs (dict; logits, log-probabilities and boxes are float32 even under autocast):
 
@@ -23,7 +25,8 @@ Outputs (dict; logits, log-probabilities and boxes are float32 even under autoca
   ``"decode_views"`` and ``"head_outputs"`` (training, when an extension asks for them; see
   :meth:`DINO.decode_views`, :meth:`DINO.head_outputs`),
 * ``"dn_outputs"`` (training with targets only): the same keys plus ``aux_outputs`` for the P
-  denoising queries, with ``num_groups`` and ``group_size`` (layout in ``denoising.py``).
+  denoising queries, with ``num_groups`` and ``group_size`` (layout in ``denoising.py``),
+* ``branch.output_key`` (training with targets and a method branch only): what the branch returns.
 """
 
 from __future__ import annotations
@@ -79,6 +82,22 @@ class LanguageClassifier(nn.Module):
             return logits if self.bias is None else logits + self.bias
 
 
+class TaskHeadClassifier(nn.Module):
+    """CLIS's task-specialised head (TSS): ``classifier(H_cls(h))`` with ``H_cls`` = Linear D->n, ReLU,
+    Linear n->n, ReLU (paper §III-B), so classification gets its own sub-network while the box head
+    keeps reading ``h`` directly. Same call signature as :class:`LanguageClassifier`."""
+
+    def __init__(self, hidden_dim: int, task_dim: int, classifier: LanguageClassifier):
+        super().__init__()
+        self.task_head = nn.Sequential(nn.Linear(hidden_dim, task_dim), nn.ReLU(),
+                                       nn.Linear(task_dim, task_dim), nn.ReLU())
+        self.classifier = classifier
+
+    def forward(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """hidden ``(..., D)``, text ``(C, E)`` -> logits ``(..., C)``."""
+        return self.classifier(self.task_head(hidden), text)
+
+
 class SemanticHead(nn.Module):
     """RichSem semantic branch: ``log_softmax(scale * cos(W' h, t_c))`` over the classes, in float32.
 
@@ -110,7 +129,7 @@ class DINO(nn.Module):
         transformer: DeformableTransformer,
         text_embeddings: torch.Tensor,
         num_queries: int,
-        class_head: LanguageClassifier,
+        class_head: LanguageClassifier | TaskHeadClassifier,
         enc_class_head: LanguageClassifier,
         semantic_head: SemanticHead | None = None,
         dn_number: int = 100,
@@ -119,6 +138,7 @@ class DINO(nn.Module):
         extensions: dict[str, nn.Module] | None = None,
         dn_label_init: str = "dino",
         semantic_aux_layers: bool = False,
+        branch: nn.Module | None = None,
     ):
         super().__init__()
         hidden_dim = transformer.d_model
@@ -135,6 +155,9 @@ class DINO(nn.Module):
         # A method's extra modules (pipeline.methods.ModelExtension): extra outputs per decoder layer and
         # the post-processing score.
         self.extensions = nn.ModuleDict(extensions or {})
+        # A method's training-only branch (CLIS tile queries; pipeline.methods): after decoding,
+        # ``out[branch.output_key] = branch(self, mem, targets, hidden)``. Absent from exported models.
+        self.branch = branch
         self.tgt_embed = nn.Embedding(num_queries, hidden_dim)  # learnable content queries
         # Denoising label embeddings are projections of the class text embeddings.
         self.dn_label_proj = nn.Linear(text_embeddings.shape[1], hidden_dim, bias=False)
@@ -281,6 +304,8 @@ class DINO(nn.Module):
             out["head_outputs"] = self.head_outputs
         if not self.training and len(self.extensions):
             out["pred_scores"] = self.scores(out)
+        if self.branch is not None and self.training and targets is not None:
+            out[self.branch.output_key] = self.branch(self, mem, targets, [h[:, num_dn:] for h in hidden])
         return out
 
 

@@ -1,8 +1,9 @@
 """Stage 2 driver: the training loop (``lt-distill train``).
 
 One iteration = one optimizer step on one batch; batches alternate detection / classification
-(1:1, ``pipeline.data.AlternatingLoader``). Per step: forward (fp32 by default; ``amp`` puts the
-backbone, encoder and decoder under autocast, the heads stay fp32), the criterion in fp32, the
+(1:1, ``pipeline.data.AlternatingLoader``), unless the method makes its own stream
+(``Method.train_loader``; CLIS: both sources in every batch). Per step: forward (fp32 by default; ``amp``
+puts the backbone, encoder and decoder under autocast, the heads stay fp32), the criterion in fp32, the
 weighted total, backward (scaled for fp16), gradient-norm clipping, AdamW step, scheduler step.
 
 Resuming (``resume=True``) loads ``<output_dir>/checkpoints/last`` and continues exactly: model,
@@ -165,7 +166,9 @@ def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> 
     counts = torch.zeros(len(categories))
     for cats in det.image_categories():
         counts[torch.as_tensor(cats, dtype=torch.long)] += 1
-    return TrainData(AlternatingLoader(det_loader, cls_loader), categories, counts, text, reader, online)
+    # The method shapes the stream (default 1:1 alternation; CLIS mixes both sources in each batch).
+    loader = cfg.build_method().train_loader(det_loader, cls_loader, data_cfg.seed * 1000 + info.rank * 10 + 2)
+    return TrainData(loader, categories, counts, text, reader, online)
 
 
 def batches(loader: AlternatingLoader, start: int = 0, on_caught_up: Callable[[], None] | None = None) -> Any:
@@ -280,7 +283,9 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        criterion.load_state_dict(ckpt.get("criterion", {}))  # the method's state (e.g. BACL's statistics)
+        # The method's state (e.g. BACL's statistics; CLIS's queue, which is each rank's own).
+        rank_states = ckpt.get("criterion_ranks") or [ckpt.get("criterion", {})]
+        criterion.load_state_dict(rank_states[info.rank] if len(rank_states) == info.world_size else rank_states[0])
         start = int(ckpt["iteration"])
     ddp_model = DistributedDataParallel(
         model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -441,12 +446,14 @@ def _log_window(window: _Window, iteration: int, optimizer: torch.optim.Optimize
 def _checkpoint(out: Path, cfg: TrainConfig, model, criterion, optimizer, scheduler, scaler, resolved, categories,
                 loader: AlternatingLoader, iteration: int, info: DistInfo) -> Path | None:
     rng = gather_objects(rng_state(), info)  # every rank's RNG, in rank order (small)
+    # A method's state may differ by rank (CLIS's queue of keys): every rank's, in rank order.
+    criterion_ranks = gather_objects({k: v.cpu() for k, v in criterion.state_dict().items()}, info)
     if not info.is_main:
         return None
     state = {"model": model.state_dict(), "config": resolved, "categories": categories, "iteration": iteration,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng,
-             "criterion": criterion.state_dict(),  # the method's state; the same on every rank
+             "criterion": criterion_ranks[0], "criterion_ranks": criterion_ranks,  # the method's state
              "data": {"epoch_length": len(loader), "epoch": iteration // len(loader),
                       "batch_in_epoch": iteration % len(loader), "world_size": info.world_size},
              "lt_distill_version": _version()}
