@@ -368,6 +368,8 @@ def check_existing(job: Job, full: bool) -> dict[str, Any]:
 def repair_text_embeddings(job: Job, store: LabelStore) -> str | None:
     """Rewrite the store's text embeddings when they are absent or damaged (a crash during their write);
     returns what was wrong, None when they were sound. They are part of a complete store."""
+    if job.teacher.text_embeddings is None:  # classifier teachers have no text tower
+        return None
     problem = store.text_embeddings_problem(job.teacher.fingerprint["sha256"])
     if problem is not None:
         store.write_text_embeddings(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint, overwrite=True)

@@ -70,7 +70,7 @@ def test_family_interface(family, family_teachers):
     for probs in (crops, pooled):
         assert probs.shape == (2, c) and probs.dtype == torch.float32
         assert torch.all(probs >= 0) and torch.allclose(probs.sum(-1), torch.ones(2), atol=1e-4)
-    batch = crop_and_resize(image, boxes, t.input_size)
+    batch = crop_and_resize(image, boxes, t.preprocess)
     torch.testing.assert_close(t.score_crop_batch(batch), crops)
     prov = t.provenance("crops")
     assert prov["family"] == family and prov["model"] == FAMILY_CONFIGS[family]["model"]

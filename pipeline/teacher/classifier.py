@@ -6,8 +6,8 @@ vocabulary other than the label space, that distribution mapped onto the vocabul
 ids (a label-space class goes to the vocabulary class with the same WordNet id; the mass of label-space
 classes that no vocabulary class has is left out, so it is the stored residual).
 
-* crops: each box is cut and resized to the input size (:func:`.preprocess.crop_and_resize`), one
-  forward per box;
+* crops: each box is cut and resized to the input size (:func:`.preprocess.crop_and_resize` with
+  ``preprocess``: antialiased bilinear, squashed to the square), one forward per box;
 * pooled (ReLabel's label-map path): one forward of the whole image at ``pooled_size``, RoIAlign of
   every box on the last feature map (input_size / 32 square), global average pool, the classifier head.
 
@@ -46,9 +46,7 @@ from .model import (
     resolve_device,
     resolve_precision,
 )
-from .preprocess import Normalize, crop_and_resize, resize_image
-
-INTERPOLATION = "bilinear-antialias"  # how crop_and_resize resizes (recorded in provenance)
+from .preprocess import Normalize, Preprocess, crop_and_resize, resize_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +62,7 @@ class ClassifierSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     label_space: str = "imagenet-1k"
+    interpolation: str = "bilinear"
     weights_package: tuple[str, str] | None = None
     license: str = ""
 
@@ -230,6 +229,10 @@ class ClassifierTeacher:
         self.pooled_size = int(pooled_size) or 2 * self.input_size
         if self.pooled_size % 32:
             raise TeacherError(f"pooled size {self.pooled_size} must be a multiple of 32 (the network's stride)")
+        # The box is squashed to the input square (antialiased bilinear): the classifier sees all of it, as
+        # FKD / ReLabel's RandomResizedCrop does.
+        self.preprocess = Preprocess(self.input_size, spec.interpolation, "squash")
+        self.pooled_preprocess = self.preprocess.with_size(self.pooled_size, "squash")
         num_outputs = self.model.get_classifier().out_features
         if num_outputs != len(label_space):
             raise TeacherError(f"classifier {model_name} has {num_outputs} outputs, its label space "
@@ -274,10 +277,11 @@ class ClassifierTeacher:
             "engine": self.engine(mode).name,
             "precision": self.precision,
             "input_size": self.input_size,
+            "preprocess": (self.pooled_preprocess if mode == "pooled" else self.preprocess).to_dict(),
             "pooled_size": self.pooled_size if mode == "pooled" else None,
             "roi_size": self.roi_size if mode == "pooled" else None,
             "normalisation": {"mean": list(self.spec.mean), "std": list(self.spec.std), "pixel_scale": 255},
-            "interpolation": INTERPOLATION,
+            "interpolation": f"{self.spec.interpolation}-antialias",
             "logit_scale": self.logit_scale,
             "temperature": self.temperature,
             "prompt_templates": [],
@@ -343,7 +347,7 @@ class ClassifierTeacher:
 
     def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
-        return self.score_crop_batch(crop_and_resize(image, boxes, self.input_size))
+        return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
 
     def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input), average pool, classifier
@@ -375,7 +379,7 @@ class ClassifierTeacher:
 
     def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
-        return self.score_pooled_batch(resize_image(image, self.pooled_size)[None], boxes)[0]
+        return self.score_pooled_batch(resize_image(image, self.pooled_preprocess)[None], boxes)[0]
 
 
 def label_space_vocabulary(name: str) -> Vocabulary:
