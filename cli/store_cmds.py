@@ -93,10 +93,21 @@ def bench_store_cmd(
     reads: Annotated[int, typer.Option(help="Random single-image reads to time.")] = 50_000,
     workdir: Annotated[Optional[Path], typer.Option(help="Where to write the store (default: a temp dir).")] = None,
     seed: int = 0,
+    embedding: Annotated[bool, typer.Option(help="Also measure the embedding encoding (bytes for each D and "
+                                            "dtype, KL of int8/fp16, read rate, decode cost).")] = True,
+    embed_dims: Annotated[str, typer.Option(help="Embedding widths D to size, comma-separated.")] = "512,1024",
+    embed_shards: Annotated[int, typer.Option(help="Shards of each embedding store (of --capacity images; "
+                                              "int8 D=512 is 15 KB per image).")] = 4,
+    step_time: Annotated[bool, typer.Option(help="Time a tiny-preset training step to compare the decode "
+                                            "cost with.")] = True,
 ) -> None:
-    """Write a store of realistic shape with CLIP-like labels; time writes and reads; measure size and KL."""
+    """Write a store of realistic shape with CLIP-like labels; time writes and reads; measure size and KL; the
+    same for the embedding encoding."""
     from ..bench.store import run_store_benchmark
 
+    embed = {"num_shards": embed_shards, "capacity": capacity, "num_reads": min(reads, 20_000),
+             "dims": tuple(int(d) for d in embed_dims.split(",") if d.strip()), "step_time": step_time} \
+        if embedding else None
     results = run_store_benchmark(num_shards=shards, capacity=capacity, num_crops=crops, topk=topk,
-                                  num_reads=reads, workdir=workdir, seed=seed, console=console)
+                                  num_reads=reads, workdir=workdir, seed=seed, console=console, embedding=embed)
     _write_json(json_out, results)
