@@ -5,9 +5,9 @@ class text embeddings ``T`` (C, D) from the same teacher turns it back into a di
 
     p = softmax(logit_scale * (e @ T.T) / temperature)
 
-``int8``: one float16 scale per row (``max |e| / 127``, rounded to float16 *before* quantising so that
-reader and writer agree on it) and ``round(e / scale)`` in [-127, 127]; the reconstruction error of
-every element is at most ``scale / 2`` (:func:`int8_error_bound`). ``float16``: the embedding itself,
+``int8``: one float16 scale per row (``max |e| / 127``, rounded *up* to float16 before quantising, so that
+reader and writer agree on it and no code leaves [-127, 127]) and ``round(e / scale)``; the reconstruction
+error of every element is at most ``scale / 2`` (:func:`int8_error_bound`). ``float16``: the embedding itself,
 no scale. Dequantised rows are not renormalised: the decoder sees exactly what the bound describes.
 
 This module is numpy only; decoding on the training device lives in ``pipeline.data.embedding``.
@@ -33,7 +33,10 @@ def quantise(embeddings: np.ndarray, dtype: str = "int8") -> tuple[np.ndarray, n
     e = np.asarray(embeddings, dtype=np.float32)
     if dtype == "float16":
         return e.astype(np.float16), None
-    scale = (np.abs(e).max(axis=-1) / INT8_MAX).astype(np.float16)
+    peak = np.abs(e).max(axis=-1) / INT8_MAX
+    scale = peak.astype(np.float16)
+    low = scale.astype(np.float32) < peak  # rounded down: the peak would need a code above 127
+    scale[low] = np.nextafter(scale[low], np.float16(np.inf))
     s32 = scale.astype(np.float32)[..., None]
     codes = np.rint(np.divide(e, s32, out=np.zeros_like(e), where=s32 > 0))
     return np.clip(codes, -INT8_MAX, INT8_MAX).astype(np.int8), scale
@@ -48,10 +51,8 @@ def dequantise(codes: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
 
 
 def int8_error_bound(scale: np.ndarray) -> np.ndarray:
-    """Largest per-element |e - dequantise(quantise(e))| for rows with these (float16) scales: half a step.
-
-    Rounding the scale to float16 can make ``max |e| / scale`` exceed 127 by at most 127 * 2**-11 steps,
-    which the clip absorbs with an error below half a step as well."""
+    """Largest per-element |e - dequantise(quantise(e))| for rows with these (float16) scales: half a step
+    (the scale is rounded up, so every value is in range and only rounding to the nearest code is lost)."""
     return np.asarray(scale, dtype=np.float32) / 2
 
 

@@ -60,22 +60,20 @@ def check_teacher(reader: LabelReader, teacher_cfg: TeacherConfig, weights_id: s
             "model and weights to the store's")
 
 
-def class_text_embeddings(teacher_cfg: TeacherConfig, vocabulary: Vocabulary, device: torch.device,
-                          expected_weights: str | None = None) -> torch.Tensor:
+def class_text_embeddings(teacher_cfg: TeacherConfig, vocabulary: Vocabulary,
+                          device: torch.device) -> tuple[torch.Tensor, str]:
     """(C, D) float32 unit-norm class text embeddings of ``vocabulary`` with the teacher of ``teacher_cfg``
-    and its prompts, on ``device``. ``expected_weights``: refuse other weights (after loading, for
-    random-init teachers). The seam for a text-embedding cache: same inputs, same output."""
+    and its prompts, on ``device``, and the teacher's weights id. The seam for a text-embedding cache: same
+    inputs, same output."""
     with torch.random.fork_rng(devices=[]):  # loading must not move the run's RNG
         model, weights_id = load_open_clip(teacher_cfg.model, teacher_cfg.weights, teacher_cfg.random_init,
                                            teacher_cfg.seed)
-    if expected_weights is not None and weights_id != expected_weights:
-        raise StoreMismatchError(f"teacher weights: store has {expected_weights[:40]!r}, run has {weights_id[:40]!r}")
     model = model.to(device)
     prompts = vocabulary.prompts(resolve_templates(teacher_cfg.templates), teacher_cfg.synonyms)
     precision = resolve_precision(teacher_cfg.precision, device)
     text = encode_class_texts(model, open_clip.get_tokenizer(teacher_cfg.model), prompts, device, precision,
                               teacher_cfg.text_batch)
-    return text.float()
+    return text.float(), weights_id
 
 
 def class_map(store_names: list[str], run_names: list[str]) -> np.ndarray:
@@ -108,7 +106,8 @@ def build_embedding_labels(reader: LabelReader, data_cfg: DataConfig, teacher_cf
     attrs = reader.embedding_attrs()
     check_teacher(reader, teacher_cfg)
     text_device = torch.device(teacher_cfg.device) if teacher_cfg.device != "auto" else device
-    text = class_text_embeddings(teacher_cfg, vocabulary, text_device, attrs["text_tower"]["weights_sha256"])
+    text, weights_id = class_text_embeddings(teacher_cfg, vocabulary, text_device)
+    check_teacher(reader, teacher_cfg, weights_id)  # random-init teachers have an id only once built
     if text.shape[1] != reader.layout.embed_dim:
         raise StoreMismatchError(f"label store {reader.path}: embeddings have D={reader.layout.embed_dim}, the "
                                  f"teacher's text tower gives D={text.shape[1]}")
