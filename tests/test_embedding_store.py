@@ -189,7 +189,7 @@ def test_precompute_embeddings_match_the_teacher_at_any_temperature(shards, tmp_
             feats = warm.crop_features(crops).numpy()
             assert (np.abs(dequantise(codes, scale) - feats) <= int8_error_bound(scale)[:, None] + 1e-6).all()
             want = warm.score_crop_batch(crops).numpy()
-            got = decoder(torch.from_numpy(codes)[:, None], torch.from_numpy(scale.astype(np.float32))[:, None],
+            got = decoder(torch.from_numpy(codes.copy())[:, None], torch.from_numpy(scale.astype(np.float32))[:, None],
                           torch.ones(len(codes), 1)).numpy()
             text = warm.text_embeddings.numpy()
             bound = log_ratio_bound(scale, text, warm.logit_scale, 2.0) + 1e-4
