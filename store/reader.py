@@ -23,8 +23,9 @@ from numcodecs import blosc
 
 from .integrity import ArrayFiles
 from .labelstore import LabelStore
+from .embedding import decode_embeddings, dequantise
 from .schema import STATUS_DONE, StoreError, row_arrays
-from .topk import decode_topk
+from .topk import decode_topk, encode_topk
 
 _EMPTY = np.iinfo(np.uint64).max
 
@@ -333,6 +334,19 @@ class LabelReader:
             raise StoreError(f"{self.path}: key {key!r} is ambiguous: {len(rows)} rows hold it "
                              f"(shard, position) {rows[:4]}")
         return divmod(row, self.layout.shard_capacity)
+
+    def top_labels(self, shard: int, position: int, k: int = 16) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Like :meth:`labels` for any encoding (for looking at a store, not for training): an embedding-only
+        store's rows are decoded with its own class text embeddings at its teacher's logit scale and
+        temperature, and their top ``k`` kept."""
+        if self.layout.topk:
+            return self.labels(shard, position)
+        codes, scale, valid = self.embeddings(shard, position)
+        attrs = self.embedding_attrs()
+        text = np.asarray(self.text_embeddings(), dtype=np.float32)
+        probs = decode_embeddings(dequantise(codes, scale), text, attrs["logit_scale"], attrs["temperature"])
+        index, prob = encode_topk(probs, min(k, probs.shape[-1]))
+        return index, prob, valid
 
     def embedding_attrs(self) -> dict[str, Any]:
         """The store's ``encoding.embedding`` attributes (dim, dtype, logit_scale, temperature, text_tower)."""

@@ -109,6 +109,12 @@ def test_embedding_store_round_trip_reader_and_checks(tmp_path, rng, dtype):
     assert np.array_equal(batch[1], codes[5]) and list(valid) == [True, True, False]
     with pytest.raises(StoreError, match="embeddings only"):
         reader.labels(1, 0)
+    # For looking at a store (inspect), rows decode with the store's own class text embeddings.
+    index, prob, valid = reader.top_labels(1, 3, k=3)
+    full = decode_embeddings(dequantise(codes[3], scale[3] if scale is not None else None),
+                             reader.text_embeddings().astype(np.float32), EMB["logit_scale"])
+    assert valid and np.array_equal(index, np.argsort(-full, axis=-1, kind="stable")[:, :3])
+    np.testing.assert_allclose(prob.astype(np.float32), np.sort(full, axis=-1)[:, ::-1][:, :3], rtol=1e-3)
     topk_result = ShardResult(keys=["a"], sizes=np.full((1, 2), 8), hard_labels=np.full(1, -1),
                               status=np.ones(1, np.uint8), reasons=np.zeros(1, np.uint8),
                               index=np.zeros((1, 5, 4), np.int16), prob=np.zeros((1, 5, 4), np.float16))
