@@ -79,8 +79,10 @@ def test_int8_round_trip_error_bound(rng):
 
 # ------------------------------------------------------------------------------------------ store
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
-def test_embedding_store_round_trip_reader_and_checks(tmp_path, rng, dtype):
+def test_embedding_store_round_trip_reader_and_checks(tmp_path, rng, dtype, capsys):
     import pickle
+
+    from lt_distill.cli import main
 
     layout = StoreLayout(num_shards=3, shard_capacity=8, num_crops=5, topk=0, num_classes=40, embed_dim=32,
                          embed_dtype=dtype)
@@ -128,6 +130,11 @@ def test_embedding_store_round_trip_reader_and_checks(tmp_path, rng, dtype):
     stats = store_stats(path)
     assert stats["encoding"] == "embedding" and stats["images_done"] == 5
     assert abs(stats["mean_embedding_norm"] - 1) < 1e-2 and stats["embedding_top1_classes"]
+    for command, expected in ((["store", "info"], f"D=32 {dtype}, logit_scale=50"),
+                              (["store", "stats"], "mean_embedding_norm")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, str(path)])
+        assert exit_info.value.code == 0 and expected in capsys.readouterr().out
 
     g = store.group
     if dtype == "int8":  # a zero scale in a done row, and a row that is no longer a unit vector
