@@ -136,17 +136,27 @@ def test_embedding_store_round_trip_reader_and_checks(tmp_path, rng, dtype, caps
             main([*command, str(path)])
         assert exit_info.value.code == 0 and expected in capsys.readouterr().out
 
-    g = store.group
+    from lt_distill.store.labelstore import WRITE_CONFIG
+
+    g = store.group  # rewritten the way the store writes (every chunk kept), so only the content is wrong
     if dtype == "int8":  # a zero scale in a done row, and a row that is no longer a unit vector
         bad_scale = g["labels/embedding_scale"][8:16]
         bad_scale[0, 0] = 0
-        g["labels/embedding_scale"][8:16] = bad_scale
+        g["labels/embedding_scale"].with_config(WRITE_CONFIG)[8:16] = bad_scale
     bad = g["labels/embedding"][8:16]
     bad[1] = (bad[1].astype(np.float32) / 2).astype(bad.dtype)
-    g["labels/embedding"][8:16] = bad
+    g["labels/embedding"].with_config(WRITE_CONFIG)[8:16] = bad
     problems = verify_store(path)
     assert any(p.startswith("row 9: a crop embedding is not a unit vector") for p in problems), problems
     assert (dtype == "float16") or any(p.startswith("row 8: embedding scale zero") for p in problems)
+    # The embedding arrays carry the store's per-chunk crc32c: one flipped byte is caught by verify and reader.
+    shard_file = path / "labels" / "embedding" / "c" / "1" / "0" / "0"  # source shard 1's Zarr shard
+    raw = bytearray(shard_file.read_bytes())
+    raw[40] ^= 0xFF
+    shard_file.write_bytes(bytes(raw))
+    assert any("crc32c" in p for p in verify_store(path)), verify_store(path)
+    with pytest.raises(StoreError, match="corrupt"):
+        LabelReader(path).embeddings(1, 0)
 
 
 # ------------------------------------------------------------------------------------------ precompute
