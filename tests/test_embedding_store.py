@@ -374,3 +374,18 @@ def test_kill_and_resume_from_an_embedding_store_gives_the_same_losses(demo_stor
     assert "loss_semantic" in keys
     for a, b in zip(ref, got):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["iter"]
+
+
+def test_bench_store_embedding_table_small(tmp_path):
+    from lt_distill.bench.store_embedding import run_embedding_benchmark
+
+    r = run_embedding_benchmark(num_shards=1, capacity=8, num_crops=5, dims=(16,), num_reads=50, kl_images=4,
+                                workdir=tmp_path, step_time=False)
+    int8, half = r["sizes"]["D=16 int8"], r["sizes"]["D=16 float16"]
+    assert int8["raw_bytes_per_image"] == 5 * (16 + 2) and half["raw_bytes_per_image"] == 5 * 32
+    assert int8["bytes_per_image"] >= int8["raw_bytes_per_image"]  # incompressible codes plus checksums/indexes
+    assert min(int8["read_random_cold_images_per_s"], int8["read_random_images_per_s"]) > 0
+    kl = r["kl"]
+    assert kl["crops"] == 4 * 5 and kl["dim"] == 512 and kl["classes"] == 1203
+    assert 0 < kl["float16"]["kl_decoded_exact_mean"] < kl["int8"]["kl_decoded_exact_mean"] < 0.01
+    assert all(ms > 0 for ms in r["decode_ms_per_batch_cpu"].values())
