@@ -265,7 +265,8 @@ def demo_store(tmp_path_factory):
 
 def _run_config(ds, store, out, annotations, templates, **top):
     data = {"det_annotations": str(annotations), "det_images": str(ds.train_images), "cls_shards": ds.cls_shards,
-            "label_store": str(store), **SMALL_DATA}
+            "label_store": str(store), **SMALL_DATA,
+            "cls_unlabelled": "keep"}  # renamed classes keep no hard label (it follows the name); soft labels do
     return {"output_dir": str(out), "model_preset": "tiny", "data_preset": "tiny", "data": data,
             "teacher": {"model": "lt-tiny-rn", "random_init": True, "templates": templates},
             "max_iters": 2, "checkpoint_every": 2, "log_every": 1, "seed": 0, "progress": False,

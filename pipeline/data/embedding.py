@@ -8,7 +8,7 @@ distributions over the *run's* classes in one matrix product on the device::
     soft = sum_m w_m softmax(logit_scale * (codes_m * scale_m) @ T.T / temperature)     (B.n x M x D) @ (D x C)
 
 with ``T`` (C, D) the run's class text embeddings from the store's teacher, ``M`` matched crops per tile
-(1 for ``exact``/``nearest``; ``top_n`` IoU-weighted crops for ``interp``, as :class:`.labels.CropSoftLabels`
+(1 for ``exact``/``nearest``; every IoU-weighted crop for ``interp``, as :class:`.labels.CropSoftLabels`
 mixes decoded top-k rows).
 
 Target keys written by the datasets: ``soft_embed`` (n, M, D) int8/float16 codes, ``soft_embed_scale``
@@ -44,7 +44,8 @@ class CropEmbeddings:
 
     ``tiles(rows, regions)`` with ``rows`` (n, 2) int (store shard, position; -1 = not in the store) and
     ``regions`` (n, 4) normalised xyxy in each tile's original image returns the target fields above as
-    tensors (M = 1, or ``top_n`` for ``interp``). ``exact``/``nearest`` give the one matched crop's codes
+    tensors (M = 1, or every weighted crop of a tile for ``interp``; shorter rows padded with weight 0).
+    ``exact``/``nearest`` give the one matched crop's codes
     (bit for bit as stored); a row that is not done or a match below ``iou_threshold`` is masked."""
 
     def __init__(self, reader: LabelReader, num_classes: int, mode: str = "nearest", iou_threshold: float = 0.5,
@@ -55,13 +56,12 @@ class CropEmbeddings:
         self.num_classes = num_classes
         self.mode, self.iou_threshold, self.top_n = mode, iou_threshold, top_n
         self.grid_boxes = np.asarray(reader.attrs["grid"]["boxes"], dtype=np.float64)
-        self.width = min(top_n, len(self.grid_boxes)) if mode == "interp" else 1
         self.dim, self.dtype = reader.layout.embed_dim, reader.layout.embed_dtype
 
     def tiles(self, rows: np.ndarray, regions: np.ndarray) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
         regions = np.asarray(regions, dtype=np.float64).reshape(-1, 4)
-        out = _empty(len(rows), self.width, self.dim, self.dtype)
+        found = []
         for i, (shard, position) in enumerate(rows):
             if position < 0:
                 continue
@@ -69,13 +69,17 @@ class CropEmbeddings:
             if not valid:
                 continue
             weights, ok = match_crops(regions[i:i + 1], self.grid_boxes, self.mode, self.iou_threshold, self.top_n)
-            if not ok[0]:
-                continue
-            cols = np.argsort(-weights[0], kind="stable")[: self.width]
-            out["soft_embed"][i] = codes[cols]
+            if ok[0]:
+                # Every crop with weight (interp includes ties with the n-th best, so maybe more than top_n).
+                cols = np.nonzero(weights[0])[0]
+                found.append((i, codes, scale, weights[0], cols[np.argsort(-weights[0, cols], kind="stable")]))
+        out = _empty(len(rows), max([len(f[4]) for f in found] + [1]), self.dim, self.dtype)
+        for i, codes, scale, weights, cols in found:
+            m = len(cols)
+            out["soft_embed"][i, :m] = codes[cols]
             if scale is not None:
-                out["soft_embed_scale"][i] = scale[cols]
-            out["soft_embed_weight"][i] = weights[0, cols]
+                out["soft_embed_scale"][i, :m] = scale[cols]
+            out["soft_embed_weight"][i, :m] = weights[cols]
             out["soft_mask"][i] = True
         return _as_tensors(out)
 
@@ -101,6 +105,14 @@ class ObjectEmbeddings:
             out["soft_embed_weight"][:, 0] = valid
             out["soft_mask"] = valid
         return _as_tensors(out)
+
+
+def _widen(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """(n, M, ...) -> (n, width, ...), padded with ``value`` (padding rows carry weight 0)."""
+    if x.shape[1] == width:
+        return x
+    pad = torch.full((x.shape[0], width - x.shape[1], *x.shape[2:]), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
 
 
 class EmbeddingDecoder(torch.nn.Module):
@@ -136,7 +148,9 @@ class EmbeddingDecoder(torch.nn.Module):
         if not holders:
             return
         sizes = [len(t["soft_embed"]) for t in holders]
-        fields = [torch.cat([t.pop(k) for t in holders]) for k in EMBED_KEYS]
+        width = max(t["soft_embed"].shape[1] for t in holders)  # crops per row differ between targets (interp)
+        fields = [torch.cat([_widen(t.pop(k), width, 1.0 if k == "soft_embed_scale" else 0.0) for t in holders])
+                  for k in EMBED_KEYS]
         soft = self(*fields) if sum(sizes) else torch.zeros((0, len(self.text)), device=self.text.device)
         for t, part in zip(holders, torch.split(soft, sizes)):
             t["soft_labels"] = part * t["soft_mask"].to(part.device)[:, None]
