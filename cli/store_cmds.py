@@ -99,6 +99,8 @@ def bench_store_cmd(
     reads: Annotated[int, typer.Option(help="Random single-image reads to time.")] = 50_000,
     workdir: Annotated[Optional[Path], typer.Option(help="Where to write the store (default: a temp dir).")] = None,
     seed: int = 0,
+    real_photos: Annotated[str, typer.Option(
+        help="Photos for the real teacher's top-k KL rows: skimage, coco8, a folder ('none': skip).")] = "skimage",
     embedding: Annotated[bool, typer.Option(help="Also measure the embedding encoding (bytes for each D and "
                                             "dtype, KL of int8/fp16, read rate, decode cost).")] = True,
     embed_dims: Annotated[str, typer.Option(help="Embedding widths D to size, comma-separated.")] = "512,1024",
@@ -108,12 +110,14 @@ def bench_store_cmd(
                                             "cost with.")] = True,
 ) -> None:
     """Write a store of realistic shape with CLIP-like labels; time writes and reads; measure size and KL; the
-    same for the embedding encoding."""
+    same for the embedding encoding; top-k KL for k = 8, 16, 32 on the synthetic and a real teacher's
+    distributions."""
     from ..bench.store import run_store_benchmark
 
     embed = {"num_shards": embed_shards, "capacity": capacity, "num_reads": min(reads, 20_000),
              "dims": tuple(int(d) for d in embed_dims.split(",") if d.strip()), "step_time": step_time} \
         if embedding else None
     results = run_store_benchmark(num_shards=shards, capacity=capacity, num_crops=crops, topk=topk,
-                                  num_reads=reads, workdir=workdir, seed=seed, console=console, embedding=embed)
+                                  num_reads=reads, workdir=workdir, seed=seed, console=console, embedding=embed,
+                                  real_photos=None if real_photos == "none" else real_photos)
     _write_json(json_out, results)

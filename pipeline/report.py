@@ -236,8 +236,9 @@ def plot_comparison(runs: dict[str, dict[str, float]], out: Path) -> Path:
         bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, [100 * v if v >= 0 else 0.0 for v in raw],
                       width, label=label)
         for bar, v in zip(bars, raw):
-            ax.annotate(f"{100 * v:.1f}" if v >= 0 else "n/a", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+            text = "n/a" if v < 0 else f"{100 * v:.1f}" if 100 * v >= 10 else f"{100 * v:.2f}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7)
     ax.set_xticks(x, groups)
     ax.set_ylabel("AP (%)")
     ax.set_title("box AP by frequency group, per run")

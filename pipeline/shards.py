@@ -31,7 +31,7 @@ from webdataset.tariterators import base_plus_ext
 
 from ..errors import LtDistillError
 from ..store import REASON_CODES
-from .teacher.preprocess import ImageDecodeError, decode_image
+from .images import ImageDecodeError, decode_image
 from .vocab import HardLabeler
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")

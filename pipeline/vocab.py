@@ -15,15 +15,17 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from ..assets import asset_path
 from ..errors import ConfigError, LtDistillError
@@ -31,17 +33,79 @@ from ..store import REASON_CODES, vocabulary_sha256
 
 NAMED_VOCABULARIES = {"lvis-v1": "lvis_v1_train_cat_info.json"}
 
-# open_clip keeps the templates as lambdas; as format strings they can be stored and hashed.
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
-    "openai": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),  # CLIP's 80 ImageNet templates
-    "simple": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
-    "single": ("a photo of a {}.",),
-}
+TEMPLATE_SET_NAMES = ("openai", "simple", "single")
 
-# Class lists for ``.cls`` labels: one WordNet id per line, line i = class index i.
-NAMED_CLASS_LISTS = {
-    # timm's ImageNet-21k list (21,843 classes, Google's fall11 order, timm subset "imagenet21k").
-    "imagenet21k": "imagenet21k_goog_synsets.txt",
+
+@functools.cache
+def template_sets() -> dict[str, tuple[str, ...]]:
+    """The named template sets. open_clip keeps the templates as lambdas; as format strings they can be
+    stored and hashed. Read on first use: importing open_clip costs seconds, and the training data
+    pipeline imports this module without needing any template."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    return {
+        "openai": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),  # CLIP's 80 ImageNet templates
+        "simple": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
+        "single": ("a photo of a {}.",),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    # ``TEMPLATE_SETS`` stays importable as a module constant, built on first access (PEP 562).
+    if name == "TEMPLATE_SETS":
+        return template_sets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# ---------------------------------------------------------------------------------------------------- class lists
+@dataclasses.dataclass(frozen=True)
+class ClassListInfo:
+    """A named ``.cls`` index space: line i of timm's ``timm/data/_info/<timm_file>`` is class index i.
+    ``sha256`` is :func:`class_list_sha256` of the ordered wnids (what a label store records)."""
+
+    name: str
+    timm_file: str
+    size: int
+    sha256: str
+    source: str
+
+
+# The index spaces in use. They are read from timm at run time (timm is a dependency of open_clip and of
+# lt-distill); the sizes and hashes pin the content, so a timm release that changed a list is refused
+# instead of silently relabelling. assets/README.md documents the same table (a test keeps them equal).
+CLASS_LISTS: dict[str, ClassListInfo] = {c.name: c for c in (
+    ClassListInfo("imagenet21k-fall11", "imagenet21k_goog_synsets.txt", 21843,
+                  "c03345e3490e010defaeac86b00012db28ecb79af13daba0b72525fa37c66e94",
+                  "Google's fall-11 ImageNet-21k release, sorted wnids (BiT / ViT 'in21k' checkpoints; "
+                  "timm's imagenet21k_goog)"),
+    ClassListInfo("imagenet21k-winter21", "imagenet22k_synsets.txt", 21841,
+                  "6320b72b72e43c09a768f0253d28c3b55707760bbf3b9d308887800b0d86658d",
+                  "the official winter-21 ImageNet-21k release (image-net.org), sorted wnids: fall-11 without "
+                  "n03931044 and n09859684 (timm's imagenet22k)"),
+    ClassListInfo("imagenet22k-ms", "imagenet22k_ms_synsets.txt", 21842,
+                  "57d68b4f40ef1181c022b488650d3fcb08ab4a95dc7d75d286fff16922ee6c2d",
+                  "Microsoft's 22k ordering (Swin, BEiT): the 1,000 ImageNet-1k classes first, then the rest "
+                  "of winter-21 (which lacks one ImageNet-1k class, n04399382)"),
+    ClassListInfo("imagenet21k-p-fall11", "imagenet21k_miil_synsets.txt", 11221,
+                  "e96927e3af1cf32cd60c35b4407ba6e16396a2696feefed66c4017b403c5596a",
+                  "ImageNet-21K-P (Alibaba MIIL) processed from fall-11"),
+    ClassListInfo("imagenet21k-p-winter21", "imagenet21k_miil_w21_synsets.txt", 10450,
+                  "68202583aa200623fa7f326a1a4f8ff8f9a2e33ee8cd78ae16d52fb34e345dd4",
+                  "ImageNet-21K-P (Alibaba MIIL) processed from winter-21"),
+    ClassListInfo("imagenet12k", "imagenet12k_synsets.txt", 11821,
+                  "009d4c9f19667ccf35878fb10718a90ccc9afe27004b4d42880d5feab073a3b1",
+                  "timm's ImageNet-12k subset of winter-21"),
+    ClassListInfo("imagenet1k", "imagenet_synsets.txt", 1000,
+                  "385e0240499426c022b773be1ae4da780f057b89c9694c7f47199f62746b6edd",
+                  "ImageNet-1k (ILSVRC-2012), sorted wnids"),
+)}
+
+# Names that more than one index space goes by; each is refused with the unambiguous choices.
+AMBIGUOUS_CLASS_LISTS = {
+    "imagenet21k": ("imagenet21k-fall11", "imagenet21k-winter21", "imagenet22k-ms"),
+    "imagenet22k": ("imagenet21k-winter21", "imagenet22k-ms", "imagenet21k-fall11"),
+    "in21k": ("imagenet21k-fall11", "imagenet21k-winter21", "imagenet22k-ms"),
+    "in22k": ("imagenet21k-winter21", "imagenet22k-ms", "imagenet21k-fall11"),
+    "imagenet21k-p": ("imagenet21k-p-fall11", "imagenet21k-p-winter21"),
 }
 
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -121,16 +185,36 @@ def _category_from_dict(raw: dict[str, Any], where: str) -> Category:
     )
 
 
+def imagenet1k_vocabulary() -> Vocabulary:
+    """ImageNet-1k (the label space of classifier teachers) from timm's class info: class i = output i,
+    named by its first lemma (with the WordNet id where two classes share it: crane, maillot), the other
+    lemmas as synonyms, ``wnid`` set (so :class:`WnidMapper` maps it onto other vocabularies)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    lemmas = [[w.strip().replace(" ", "_") for w in info.index_to_description(i).split(",")]
+              for i in range(info.num_classes())]
+    firsts = collections.Counter(words[0] for words in lemmas)
+    cats = []
+    for i, words in enumerate(lemmas):
+        wnid = info.index_to_label_name(i)
+        name = words[0] if firsts[words[0]] == 1 else f"{words[0]}_{wnid}"
+        cats.append(Category(id=i, name=name, synonyms=tuple(words[1:]), wnid=wnid))
+    return Vocabulary(source="imagenet-1k", categories=tuple(cats))
+
+
 def load_vocabulary(spec: str = "lvis-v1") -> Vocabulary:
-    """A named vocabulary (``lvis-v1``), an LVIS/COCO annotation JSON (its ``categories``), or a JSON
-    list of categories. Classes are sorted by id; ids and names must be unique."""
+    """A named vocabulary (``lvis-v1``, ``imagenet-1k``), an LVIS/COCO annotation JSON (its ``categories``),
+    or a JSON list of categories. Classes are sorted by id; ids and names must be unique."""
+    if spec == "imagenet-1k":
+        return imagenet1k_vocabulary()
     if spec in NAMED_VOCABULARIES:
         path = asset_path(NAMED_VOCABULARIES[spec])
     else:
         path = Path(spec)
         if not path.is_file():
-            raise VocabularyError(
-                f"vocabulary {spec!r} is neither a named vocabulary ({', '.join(NAMED_VOCABULARIES)}) nor a file")
+            named = ", ".join([*NAMED_VOCABULARIES, "imagenet-1k"])
+            raise VocabularyError(f"vocabulary {spec!r} is neither a named vocabulary ({named}) nor a file")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -148,11 +232,11 @@ def load_vocabulary(spec: str = "lvis-v1") -> Vocabulary:
 
 def resolve_templates(spec: str = "openai") -> tuple[str, ...]:
     """A named template set (``openai`` 80, ``simple`` 7, ``single`` 1) or one literal template with ``{}``."""
-    if spec in TEMPLATE_SETS:
-        return TEMPLATE_SETS[spec]
+    if spec in TEMPLATE_SET_NAMES:
+        return template_sets()[spec]
     if "{}" not in spec:
         raise ConfigError(
-            f"prompt templates {spec!r}: use {', '.join(TEMPLATE_SETS)} or a template containing '{{}}'")
+            f"prompt templates {spec!r}: use {', '.join(TEMPLATE_SET_NAMES)} or a template containing '{{}}'")
     return (spec,)
 
 
@@ -173,23 +257,51 @@ def load_synset_wnids(path: str | Path | None = None) -> dict[str, str]:
     return table
 
 
-def load_class_list(spec: str = "imagenet21k") -> list[str]:
-    """WordNet ids, one per class index: a named list (``imagenet21k``) or a file with one wnid a line."""
-    if spec in NAMED_CLASS_LISTS:
-        path = asset_path(NAMED_CLASS_LISTS[spec])
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise VocabularyError(
-                f"class list {spec!r} is neither a named list ({', '.join(NAMED_CLASS_LISTS)}) nor a file")
-    wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+def timm_info_dir() -> Path:
+    """timm's ``data/_info`` folder, found without importing timm (which would import torchvision models)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.origin:
+        raise VocabularyError("named class lists are read from timm, which is not installed (pip install timm)")
+    return Path(spec.origin).parent / "data" / "_info"
+
+
+def _read_wnids(path: Path, what: str) -> list[str]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VocabularyError(f"class list {what}: cannot read {path}: {exc}") from exc
+    wnids = [line.strip() for line in text.splitlines() if line.strip()]
     bad = [w for w in wnids if not WNID_RE.match(w)]
     if bad or not wnids:
-        raise VocabularyError(f"class list {spec}: expected one WordNet id (n########) per line, got {bad[:3]}")
+        raise VocabularyError(f"class list {what}: expected one WordNet id (n########) per line, got {bad[:3]}")
     return wnids
 
 
+def load_class_list(spec: str) -> list[str]:
+    """WordNet ids, one per class index: a named list (:data:`CLASS_LISTS`, read from timm and checked
+    against its documented size and SHA-256) or a file with one wnid a line. An ambiguous name
+    (``imagenet21k``) is refused with the unambiguous choices."""
+    if spec in AMBIGUOUS_CLASS_LISTS:
+        choices = ", ".join(f"{n} ({CLASS_LISTS[n].size:,})" for n in AMBIGUOUS_CLASS_LISTS[spec])
+        raise VocabularyError(f"class list {spec!r} is ambiguous (several index spaces go by that name, and "
+                              f"a wrong one shifts every label): use one of {choices}, or a file")
+    if spec in CLASS_LISTS:
+        info = CLASS_LISTS[spec]
+        wnids = _read_wnids(timm_info_dir() / info.timm_file, spec)
+        if len(wnids) != info.size or class_list_sha256(wnids) != info.sha256:
+            raise VocabularyError(f"class list {spec}: timm's {info.timm_file} has {len(wnids)} wnids with SHA-256 "
+                                  f"{class_list_sha256(wnids)[:12]}, expected {info.size} and {info.sha256[:12]}; "
+                                  "pass the list as a file instead")
+        return wnids
+    path = Path(spec)
+    if not spec or not path.is_file():
+        raise VocabularyError(
+            f"class list {spec!r} is neither a named list ({', '.join(CLASS_LISTS)}) nor a file")
+    return _read_wnids(path, spec)
+
+
 def class_list_sha256(wnids: list[str]) -> str:
+    """SHA-256 of the ordered wnids joined by newlines (no trailing newline)."""
     return hashlib.sha256("\n".join(wnids).encode()).hexdigest()
 
 
@@ -238,6 +350,18 @@ class LabelSource:
     @property
     def spec(self) -> str:
         return f"json:{self.field}" if self.kind == "json" else self.kind
+
+
+def label_class_list(source: LabelSource, spec: str) -> list[str] | None:
+    """The class list that ``source``'s integer labels index, or None when none is needed. ``cls`` labels
+    need one named explicitly: there is no default, because a wrong list shifts every label silently."""
+    if source.kind == "none" or (source.kind == "json" and not spec):
+        return None
+    if not spec:
+        names = ", ".join(CLASS_LISTS)
+        raise ConfigError(f"--labels cls needs --class-list, the index space of the .cls numbers: one of {names}, "
+                          "or a file with one wnid a line")
+    return load_class_list(spec)
 
 
 class HardLabeler:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from ..config import read_json_file
 from ..errors import ConfigError, LtDistillError
 from ..pipeline.grid import GridSpec
+from ..pipeline.labelcheck import check_class_list
 from ..pipeline.shards import (
     MAX_IMAGE_PIXELS,
     READ_ENDS,
@@ -46,15 +47,17 @@ from ..pipeline.shards import (
     source_stat,
 )
 from ..pipeline.teacher import GridCrops, Teacher, TeacherConfig, WholeImage, build_teacher
+from ..workers import default_workers
 from ..pipeline.vocab import (
     HardLabeler,
     LabelSource,
     WnidMapper,
     class_list_sha256,
-    load_class_list,
+    label_class_list,
     load_synset_wnids,
     load_vocabulary,
 )
+from .shards import manifest_counts
 from ..store import (
     EMBED_DTYPES,
     ENCODINGS,
@@ -93,11 +96,12 @@ class PrecomputeConfig:
     encoding: str = "topk"
     embed_dtype: str = "int8"  # int8 (+ one float16 scale per crop) or float16
     labels: str = "cls"  # cls | json[:FIELD] | none
-    class_list: str = "imagenet21k"  # .cls index space: named list or file (one wnid a line)
+    class_list: str = ""  # .cls index space: a named list (pipeline.vocab.CLASS_LISTS) or a file (one wnid a line)
     synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
+    label_check: int = 16  # samples per shard whose key / .json wnid is checked against the class list; 0 = off
     pseudo_threshold: float = 0.5  # labels=none: hard label = teacher argmax if its probability exceeds this
     batch_size: int = 16
-    workers: int = 4
+    workers: int = dataclasses.field(default_factory=default_workers)  # this machine's CPUs minus one, at most 4
     # Samples per worker -> main hand-over, and chunks in flight per worker: with RN50 crops (30 x 3 x 224^2
     # uint8 = 4.5 MB per image) 4 workers hold 4 x 2 x 4 x 4.5 MB = 144 MB of shared memory.
     chunk_size: int = 4
@@ -244,9 +248,11 @@ def prepare_job(cfg: PrecomputeConfig) -> Job:
     if cfg.encoding != "embedding" and cfg.topk > len(vocabulary):
         raise ConfigError(f"topk {cfg.topk} exceeds the vocabulary's {len(vocabulary)} classes")
     source = LabelSource.parse(cfg.labels)
-    class_list = load_class_list(cfg.class_list) if source.kind != "none" else None
+    class_list = label_class_list(source, cfg.class_list) if urls else None  # objects-only runs have no .cls
     mapper = WnidMapper(vocabulary, load_synset_wnids(cfg.synset_wnids or None))
     labeler = HardLabeler(source, mapper, class_list)
+    if urls and class_list is not None:  # before the teacher is built: a wrong list must cost nothing
+        check_class_list(urls, source, cfg.class_list, class_list, cfg.label_check)
     teacher_cfg = dataclasses.replace(cfg.teacher)
     k = grid.num_boxes
     teacher_cfg.crop_batch = cfg.batch_size * k
@@ -284,7 +290,7 @@ def expected_attributes(job: Job) -> dict[str, Any]:
     if job.cfg.encoding != "topk":
         expected["layout.embed_dim"] = _embedding_dim(job.teacher)
         expected["layout.embed_dtype"] = job.cfg.embed_dtype
-    for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "pooled_size",
+    for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "preprocess", "pooled_size",
                   "temperature", "prompt_templates", "synonyms", "text_fingerprint"):
         expected[f"teacher.{field}"] = prov[field]
     for field in ("labels", "class_list_sha256", "pseudo_threshold", "min_image_size"):
@@ -296,6 +302,9 @@ def expected_attributes(job: Job) -> dict[str, Any]:
 
 def _embedding_dim(teacher: Teacher) -> int:
     """D of the teacher's joint image-text space (image and text embeddings share it)."""
+    if teacher.text_embeddings is None:  # a classifier teacher: fixed label space, no text tower to decode with
+        raise ConfigError(f"--encoding embedding|both needs a CLIP teacher (a joint image-text space); "
+                          f"{teacher.model_name} has no text tower: use --encoding topk")
     return int(teacher.text_embeddings.shape[1])
 
 
@@ -343,6 +352,9 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
     action = _agree(d, decide)
     if action == "create":
         capacity = cfg.shard_capacity
+        known = manifest_counts(job.urls) if not capacity else None  # `lt-distill shards` wrote the counts
+        if known is not None:
+            capacity = _round_up(max(known + [1]))
         if not capacity:  # count every shard's samples, split over ranks
             counts = d.gather({s: count_samples(job.urls[s]) for s in range(d.rank, len(job.urls), d.world)})
             capacity = _round_up(max([n for part in counts for n in part.values()] + [1]))
@@ -359,7 +371,8 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
                     grid_boxes=job.grid.boxes(), residual=cfg.residual,
                     source={"pattern": job.pattern, "num_shards": len(job.urls)},
                     extra={"precompute": job.settings}, overwrite=cfg.overwrite,
-                    text_embeddings=(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint),
+                    text_embeddings=None if job.teacher.text_embeddings is None  # classifiers: no text tower
+                    else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint),
                     embedding=embedding_description(job.teacher) if embed else None)
             except StoreExistsError:
                 if cfg.overwrite or not path.exists():
@@ -593,9 +606,9 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
     counts: shards, images done / failed by reason, notes, seconds."""
     cfg, teacher = job.cfg, job.teacher
     if cfg.mode == "crops":
-        prepare = GridCrops(job.grid.boxes(), teacher.input_size)
+        prepare = GridCrops(job.grid.boxes(), teacher.preprocess)
     else:
-        prepare = WholeImage(teacher.pooled_size)
+        prepare = WholeImage(teacher.pooled_preprocess)
     dataset = ShardChunks([(s, job.urls[s]) for s in shards], job.labeler, prepare, prepare.output_shape,
                           chunk_size=cfg.chunk_size, min_image_size=cfg.min_image_size,
                           max_pixels=cfg.max_image_pixels)
@@ -789,9 +802,9 @@ class _ObjectImages(torch.utils.data.IterableDataset):
     """Per pending object block, each of its images decoded and resized for the pooled path:
     yields (block, image_id, image (3, P, P) uint8 or None, (h, w), end_of_block)."""
 
-    def __init__(self, blocks: list[tuple[int, list[int]]], paths: dict[int, str], size: int) -> None:
+    def __init__(self, blocks: list[tuple[int, list[int]]], paths: dict[int, str], size) -> None:
         super().__init__()
-        self.blocks, self.paths, self.prepare = blocks, paths, WholeImage(size)
+        self.blocks, self.paths, self.prepare = blocks, paths, WholeImage(size)  # size: int or Preprocess
 
     def __iter__(self):
         from ..pipeline.teacher import ImageDecodeError, decode_image
@@ -849,7 +862,7 @@ def run_objects(job: Job, d: Dist, say: Callable[[str], None]) -> dict[str, Any]
             if image_id not in images:
                 raise ConfigError(f"annotation refers to image id {image_id}, which the JSON does not list")
             paths[image_id] = str(_image_path(images_dir, images[image_id]))
-    loader = DataLoader(_ObjectImages(blocks, paths, teacher.pooled_size), batch_size=None,
+    loader = DataLoader(_ObjectImages(blocks, paths, teacher.pooled_preprocess), batch_size=None,
                         num_workers=min(cfg.workers, len(blocks)),
                         pin_memory=teacher.device.type == "cuda")
     counts = {"blocks": 0, "done": 0, "failed": collections.Counter()}

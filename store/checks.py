@@ -71,6 +71,12 @@ def store_info(path: str | Path) -> dict[str, Any]:
     """Attributes (minus the long class list), shapes and row counts."""
     store = LabelStore.open(path, "r")
     damaged = damaged_shards(path, full=False)
+    # Row status and reasons are checked file by file first: a failed zarr read leaves async tasks behind.
+    for name in ("rows/status", "rows/reason"):
+        found, _ = array_problems(store.path / name)
+        if found:
+            raise StoreError(f"{path}: the row status is damaged ({found[0]}); run `lt-distill store verify` "
+                             "to list every problem")
     try:
         status = store.group["rows/status"][:]
         reasons = _reason_counts(store)

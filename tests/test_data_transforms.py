@@ -144,7 +144,7 @@ def test_crop_drops_boxes_outside_and_box_to_pixels_rounds():
 
 
 def test_mosaic_boxes_stay_inside_canvas():
-    aug = ClassificationAugConfig(crop_prob=0.5, tile_size=32, center_ratio_range=(0.0, 2.0))
+    aug = ClassificationAugConfig(crop_match="nearest", crop_prob=0.5, tile_size=32, center_ratio_range=(0.0, 2.0))
     tile_tf = T.make_tile_transforms(aug)
     n_boxes = 0
     for seed in range(60):

@@ -70,3 +70,29 @@ def test_chance_detections_cover_every_image():
         im = gt["images"][d["image_id"] - 1]
         x, y, w, h = d["bbox"]
         assert 0 <= x and x + w <= im["width"] + 1e-6 and 0 <= y and y + h <= im["height"] + 1e-6
+
+
+@pytest.mark.slow
+def test_small_demo_of_baseline_and_bacl_side_by_side_beats_chance(tmp_path, capsys):
+    work = tmp_path / "demo"
+    _cli(["demo", "--small", "--workdir", str(work), "--threads", "1", "--methods", "baseline,bacl"])
+    summary = json.loads((work / "summary.json").read_text())
+    assert set(summary["methods"]) == {"baseline", "bacl"}
+    for name, result in summary["methods"].items():
+        metrics, chance = result["eval"]["metrics"], result["eval"]["chance"]
+        assert metrics["AP"] > 3 * chance["AP"] and metrics["AP50"] > 0.01, (name, metrics, chance)
+    # BACL ran its two stages: the classifier stage started from the representation stage's model.
+    config = json.loads((work / "run_bacl" / "config.json").read_text())
+    assert config["method_options"]["stage"] == "classifier"
+    assert config["finetune_from"].endswith("stage_representation/model_final.pt")
+    assert config["data"]["cls_shards"] == "" and config["model"]["denoising"]["dn_number"] == 0
+    baseline = json.loads((work / "run_baseline" / "config.json").read_text())
+    assert baseline["model"]["head"]["semantic_branch"] is False
+    table = json.loads((work / "compare" / "compare.json").read_text())
+    assert set(table) == {"baseline", "bacl"}
+    assert table["bacl"]["AP"] == summary["methods"]["bacl"]["eval"]["metrics"]["AP"]
+    assert (work / "compare" / "compare.png").stat().st_size > 1000
+    # `lt-distill report` on the two runs draws the same comparison.
+    _cli(["report", str(work / "run_baseline"), str(work / "run_bacl"), "--out", str(tmp_path / "cmp")])
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text()) == {
+        "run_baseline": table["baseline"], "run_bacl": table["bacl"]}

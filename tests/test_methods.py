@@ -101,3 +101,20 @@ def test_comparison_plot_and_table(tmp_path):
     assert table["c (richsem)"]["AP"] == pytest.approx(0.2) and table["a (richsem)"]["APr"] == -1.0
     with pytest.raises(Exception, match="no runs"):
         plot_comparison({}, tmp_path / "x.png")
+
+
+def test_resume_refuses_another_method_or_other_method_options(tmp_path):
+    from lt_distill.errors import LtDistillError
+    from lt_distill.stages.train.checkpoint import save_training_checkpoint
+    from lt_distill.stages.train.loop import _checkpoint_to_resume
+
+    saved = train_config(None, [f"output_dir={tmp_path}", "method=bacl"])
+    save_training_checkpoint(tmp_path, {"model": {}, "config": saved.resolved(), "iteration": 3, "optimizer": {},
+                                        "scheduler": {}})
+    same = train_config(None, [f"output_dir={tmp_path}", "method=bacl"])
+    assert _checkpoint_to_resume(same, same.resolved(), resume=True)[0]["iteration"] == 3
+    for sets, needle in ((["method=richsem"], "method: checkpoint 'bacl', config 'richsem'"),
+                         (["method=bacl", "method_options.fcbl_alpha=0.5"], "method_options.fcbl_alpha")):
+        other = train_config(None, [f"output_dir={tmp_path}", *sets])
+        with pytest.raises(LtDistillError, match=needle):
+            _checkpoint_to_resume(other, other.resolved(), resume=True)

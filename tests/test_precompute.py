@@ -44,7 +44,8 @@ def teacher(lvis):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     (root / "classes.txt").write_text(f"{DOG}\n{ENTITY}\n{ZEBRA}\n")
-    pattern = make_shards(root / "shards", num_shards=3, per_shard=5, class_indices=[0, 1, 2])
+    # .json wnids agree with .cls under classes.txt (precompute checks that before labelling)
+    pattern = make_shards(root / "shards", num_shards=3, per_shard=5, class_indices=[0, 1, 2], wnids=[DOG, ENTITY, ZEBRA])
     return root, pattern
 
 
@@ -116,12 +117,14 @@ def test_pooled_mode_and_json_labels(data, tmp_path, teacher, lvis):
     cfg = PrecomputeConfig(store=str(tmp_path / "pooled"), shards=pattern, mode="pooled", grid="coarse", topk=8,
                            residual="renormalise", labels="json", teacher=TeacherConfig(
                                model="lt-tiny-rn", random_init=True, templates="single"), workers=0, progress=False)
-    # the helper's .json labels are all "n00000000": a well-formed wnid that no LVIS class has
+    # .json wnids cycle dog, entity (a well-formed wnid no LVIS class has), zebra
     run_precompute(cfg, log=lambda _m: None)
     store = LabelStore.open(tmp_path / "pooled")
     assert store.attrs["teacher"]["mode"] == "pooled" and store.attrs["teacher"]["pooled_size"] == 128
     assert store.attrs["encoding"]["residual"] == "renormalise" and store.layout.num_crops == 14
-    assert (store.group["rows/hard_label"][:][store.group["rows/status"][:] == STATUS_DONE] == -1).all()
+    expected = np.tile([lvis.names.index("dog"), -1, lvis.names.index("zebra")], 5)
+    np.testing.assert_array_equal(store.group["rows/hard_label"][:][store.group["rows/status"][:] == STATUS_DONE],
+                                  expected)
     assert check_labels_match_teacher(tmp_path / "pooled", expand_shards(pattern)[1], teacher, "pooled") == 5
 
 
@@ -187,7 +190,8 @@ def test_rerun_resumes_and_other_settings_are_refused(crops_store, data, capsys)
 def test_clear_errors_and_nothing_written(case, data, tmp_path, capsys):
     root, pattern = data
     store = tmp_path / "store"
-    args = ["precompute", "--store", store, "--shards", pattern, "--no-progress", "--templates", "single"]
+    args = ["precompute", "--store", store, "--shards", pattern, "--no-progress", "--templates", "single",
+            "--class-list", root / "classes.txt"]
     expect = {
         "missing weights": (["--model", "lt-tiny-rn"], "no weights for teacher 'lt-tiny-rn'"),
         "unknown model": (["--model", "RN51", "--random-init"], "unknown open_clip model 'RN51'"),

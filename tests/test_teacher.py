@@ -29,6 +29,7 @@ from lt_distill.pipeline.teacher import (
     tensorrt_unavailable_reason,
 )
 from lt_distill.pipeline.teacher import engines as engines_mod
+from lt_distill.pipeline.teacher.engines import batch_buckets
 from lt_distill.pipeline.vocab import Vocabulary, load_vocabulary
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -64,7 +65,7 @@ def test_teacher_outputs(teacher, vocab):
     assert probs.shape == (30, 40)
     torch.testing.assert_close(probs.sum(1), torch.ones(30))
     # the logits are logit_scale times the cosine similarity; the soft label is their softmax at T
-    feats = teacher.crop_features(crop_and_resize(photo("astronaut"), boxes, teacher.input_size))
+    feats = teacher.crop_features(crop_and_resize(photo("astronaut"), boxes, teacher.preprocess))
     torch.testing.assert_close(probs, torch.softmax(teacher.logit_scale * feats @ emb.T, dim=1))
     # random init calibrates BatchNorm, so labels depend on the image
     other = teacher.score_crops(photo("rocket"), boxes)
@@ -152,7 +153,7 @@ def test_pooled_matches_crops_on_whole_image(vocab):
 
 def test_pooled_batch_boxes_and_errors(teacher):
     boxes = GridSpec.parse("coarse").boxes()
-    imgs = torch.stack([resize_image(photo(n), teacher.pooled_size) for n in PHOTOS[:2]])
+    imgs = torch.stack([resize_image(photo(n), teacher.pooled_preprocess) for n in PHOTOS[:2]])
     batch = teacher.score_pooled_batch(imgs, boxes)
     assert batch.shape == (2, 14, 40)
     torch.testing.assert_close(batch[1], teacher.score_pooled(photo(PHOTOS[1]), boxes), rtol=1e-5, atol=1e-7)
@@ -201,7 +202,7 @@ def test_decode_image_roundtrip_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------------- engines
-def test_engine_pads_last_partial_batch():
+def test_engine_pads_the_last_partial_batch_to_its_bucket():
     shapes = []
 
     def fn(x):
@@ -211,8 +212,46 @@ def test_engine_pads_last_partial_batch():
     engine = Engine(fn, "compile", batch_size=4)
     x = torch.arange(10 * 3, dtype=torch.float32).view(10, 3, 1, 1)
     out = engine(x)
-    assert shapes == [(4, 3, 1, 1)] * 3
+    assert shapes == [(4, 3, 1, 1), (4, 3, 1, 1), (2, 3, 1, 1)]  # 10 = 4 + 4 + 2 (bucket 2)
+    assert engine.rows_run == 10
     torch.testing.assert_close(out, x.flatten(1).sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("batch_size,buckets", [
+    (256, (4, 8, 16, 32, 64, 128, 256)), (8, (1, 2, 4, 8)), (1, (1,)), (30, (1, 2, 4, 8, 16, 30)),
+    (480, (8, 16, 32, 64, 128, 256, 480)),
+])
+def test_batch_buckets(batch_size, buckets):
+    assert batch_buckets(batch_size) == buckets
+
+
+@pytest.mark.parametrize("rows,run", [(8, [8]), (9, [16]), (1, [4]), (256, [256]), (300, [256, 64])])
+def test_engine_calls_are_sized_to_the_work(rows, run):
+    """A step with 8 tiles sends 8 rows to a compiled engine of batch 256, not 256 (issue 11 §4)."""
+    shapes = []
+
+    def fn(x):
+        shapes.append(x.shape[0])
+        return x * 2
+
+    engine = Engine(fn, "compile", batch_size=256)
+    x = torch.randn(rows, 3, 2, 2)
+    torch.testing.assert_close(engine(x), x * 2)
+    assert shapes == run and engine.rows_run == sum(run)
+
+
+def test_per_bucket_functions_are_built_once_each():
+    built = []
+
+    def for_bucket(rows):
+        built.append(rows)
+        return lambda x: x + rows
+
+    engine = Engine(None, "tensorrt", batch_size=16, for_bucket=for_bucket)
+    for n in (3, 4, 16, 2, 3):
+        torch.testing.assert_close(engine(torch.zeros(n, 1, 1, 1)), torch.full((n, 1, 1, 1), float(
+            next(b for b in (1, 2, 4, 8, 16) if b >= n))))
+    assert built == [4, 16, 2]
 
 
 def test_auto_engine_on_cpu_and_tensorrt_fallback(caplog, teacher):

@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ...errors import LtDistillError
 from ...store import LabelReader
 from ..shards import IMAGE_EXTS, iter_tar_samples
-from ..teacher.preprocess import ImageDecodeError, as_chw_uint8, decode_image
+from ..images import ImageDecodeError, as_chw_uint8, decode_image
 from . import transforms as T
 from .embedding import CropEmbeddings
 from .labels import CropSoftLabels

@@ -55,7 +55,9 @@ class ClassificationAugConfig:
     ``crop_scale`` of the image's sides. Soft labels come from matching the tile's visible region
     (original-image coordinates) to the store's grid; below ``iou_threshold`` the soft loss is masked."""
 
-    crop_match: str = "nearest"
+    # exact: lowest KL(online teacher || cached label) of the three with a real teacher on real photos, on
+    # every grid measured (README "Real-teacher figures": 0.38 nats vs interp 0.41, nearest 0.54 on default).
+    crop_match: str = "exact"
     iou_threshold: float = 0.5
     interp_top_n: int = 4
     hflip_prob: float = 0.5

@@ -9,11 +9,12 @@ import numpy as np
 
 from ...store import LabelReader, check_compatible, vocabulary_sha256
 from ..grid import MATCH_MODES, GridSpec, match_crops
+from ..vocab import class_list_sha256, load_class_list
 
 
 def check_label_store(reader: LabelReader, *, vocabulary: Sequence[str] | None = None, grid: str | None = None,
                       topk: int | None = None, residual: str | None = None, teacher_model: str | None = None,
-                      ) -> None:
+                      class_list: str | None = None) -> None:
     """Refuse a store whose vocabulary, grid, encoding or teacher differs from what the run expects:
     raises :class:`StoreMismatchError` naming every differing field with both values. Only the
     arguments given are checked."""
@@ -28,6 +29,8 @@ def check_label_store(reader: LabelReader, *, vocabulary: Sequence[str] | None =
         expected["encoding.residual"] = residual
     if teacher_model is not None:
         expected["teacher.model"] = teacher_model
+    if class_list is not None:  # the store's hard labels were mapped through this list (by its SHA-256)
+        expected["precompute.class_list_sha256"] = class_list_sha256(load_class_list(class_list))
     check_compatible(reader.attrs, expected, store_name=f"label store {reader.path}")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from ..teacher.preprocess import pixel_boxes
+from ..images import pixel_boxes
 
 Target = dict[str, Any]
 # Fields indexed by box: a crop that drops a box drops its entry in each of them.

@@ -13,12 +13,13 @@ from typing import Any
 
 from ...config import from_dict, to_dict
 from ...errors import ConfigError
+from .bacl import BACL
 from .base import CriterionHook, Method, ModelExtension, NoOptions, TrainingStage
 from .baseline import Baseline
 from .richsem import RichSem
 
 DEFAULT_METHOD = "richsem"
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RichSem, Baseline)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RichSem, Baseline, BACL)}
 
 
 def build_method(name: str = DEFAULT_METHOD, options: dict[str, Any] | None = None) -> Method:

@@ -8,7 +8,7 @@ which method is running. A method contributes:
   (applied after the preset and *after* the run's own ``[model]`` / ``[data]`` sections: they are
   what defines the method, and the resolved config of every run records them);
 * ``extensions(hidden_dim, num_classes)``: extra modules on the detector (:class:`ModelExtension`);
-* ``criterion_hooks(num_classes)``: extra, named loss terms and class-loss adjustments
+* ``criterion_hooks(num_classes, hidden_dim, loss)``: extra, named loss terms and class-loss adjustments
   (:class:`CriterionHook`); their weights join the criterion's ``weight_dict``, the one place where
   losses are weighted; their buffers are the method's checkpoint state (``criterion.state_dict()``);
 * ``prepare_model(model)``: the training stage's behaviour (which parameters train), before the
@@ -40,8 +40,8 @@ class ModelExtension(nn.Module):
     ``forward(hidden, outputs)``: hidden ``(B, Q, D)`` of one decoder layer and that layer's outputs so
     far -> extra output entries (e.g. ``{"pred_bg": (B, Q, 1)}``), added to every layer's outputs.
     ``score(outputs, prob)``: the post-processor's class probabilities ``(B, Q, C)`` given the final
-    outputs (default: unchanged). ``needs_views``: the training outputs carry ``"decode_views"``
-    (see ``DINO.decode_views``)."""
+    outputs (default: unchanged). ``needs_views``: the training outputs carry ``"decode_views"`` and
+    ``"head_outputs"`` (see ``DINO.decode_views`` / ``DINO.head_outputs``)."""
 
     needs_views: ClassVar[bool] = False
 
@@ -104,7 +104,8 @@ class Method:
     def extensions(self, hidden_dim: int, num_classes: int) -> dict[str, ModelExtension]:
         return {}
 
-    def criterion_hooks(self, num_classes: int) -> dict[str, CriterionHook]:
+    def criterion_hooks(self, num_classes: int, hidden_dim: int, loss: Any) -> dict[str, CriterionHook]:
+        """Named hooks for ``SetCriterion`` (``loss``: the model's ``LossConfig``, e.g. its focal settings)."""
         return {}
 
     def prepare_model(self, model: nn.Module) -> None:

@@ -79,7 +79,7 @@ def build_model(
     model = build_detector(cfg, text_embeddings, method)
     if class_image_counts is not None and len(class_image_counts) != model.num_classes:
         raise ValueError(f"class_image_counts has {len(class_image_counts)} entries for {model.num_classes} classes")
-    hooks = method.criterion_hooks(model.num_classes) if method is not None else None
+    hooks = method.criterion_hooks(model.num_classes, cfg.transformer.hidden_dim, cfg.loss) if method else None
     criterion = build_criterion(cfg.loss, model.num_classes, cfg.transformer.dec_layers, class_image_counts, hooks,
                                 semantic_aux_layers=cfg.semantic.aux_layers)
     return model, criterion, PostProcess(cfg.num_select)

@@ -244,7 +244,7 @@ class SetCriterion(nn.Module):
                 losses.update(self._losses(aux, targets, indices, dn_boxes, classes, f"_dn_{i}"))
         final = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs", "dn_outputs")}
         for hook in self.hooks.values():
-            losses.update(hook.extra_losses(final, targets, final_indices, num_boxes, classes))
+            losses.update(hook.extra_losses(final, targets, final_indices, num_boxes, classes()))
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

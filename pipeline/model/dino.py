@@ -20,7 +20,8 @@ Outputs (dict; logits, log-probabilities and boxes are float32 even under autoca
 * ``"enc_outputs"``: ``pred_logits``/``pred_boxes`` of the Q selected encoder proposals,
 * the entries of the method's extensions (``extensions``, e.g. ``"pred_bg"``), per decoder layer;
   ``"pred_scores"`` ``(B, Q, C)`` post-processing probabilities (eval mode, with extensions only) and
-  ``"decode_views"`` (training, when an extension asks for it; see :meth:`DINO.decode_views`),
+  ``"decode_views"`` and ``"head_outputs"`` (training, when an extension asks for them; see
+  :meth:`DINO.decode_views`, :meth:`DINO.head_outputs`),
 * ``"dn_outputs"`` (training with targets only): the same keys plus ``aux_outputs`` for the P
   denoising queries, with ``num_groups`` and ``group_size`` (layout in ``denoising.py``).
 """
@@ -180,24 +181,37 @@ class DINO(nn.Module):
             prob = ext.score(outputs, prob)
         return prob
 
+    def head_outputs(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Class logits and extension outputs of arbitrary decoder features ``(..., D)`` (no boxes)."""
+        out = {"pred_logits": self.class_head(hidden, self.text_embeddings)}
+        for ext in self.extensions.values():
+            out.update(ext(hidden, out))
+        return out
+
     @torch.no_grad()
     def decode_views(self, mem: EncoderMemory, content: torch.Tensor, ref_unsig: torch.Tensor,
-                     view_content: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
-        """Extra queries through the decoder beside the matching queries, without gradient.
+                     query_index: torch.Tensor, view_boxes: torch.Tensor) -> torch.Tensor:
+        """Matching queries re-anchored at other boxes ("views"), through the decoder without gradient.
 
-        content ``(B, Q, D)`` / ref_unsig ``(B, Q, 4)``: the matching queries' inputs; view_content
-        ``(B, V, D)`` and view_boxes ``(B, V, 4)`` cxcywh in [0, 1]: the views. Each view sees the matching
-        queries and itself (not the other views), and no matching query sees a view, so the views read the
-        same scene as a matching query would. Returns the views' last-layer hidden states ``(B, V, D)``."""
-        v, q = view_content.shape[1], content.shape[1]
+        content ``(B, Q, D)`` / ref_unsig ``(B, Q, 4)``: the matching queries' inputs (bound by ``forward``);
+        query_index ``(B, V)`` int64: whose content each view takes; view_boxes ``(B, V, 4)`` cxcywh in
+        [0, 1]: its reference box. Each view sees the matching queries and itself (not the other views) and
+        no matching query sees a view, so a view reads the scene as a matching query does. Returns the
+        views' last-layer hidden states ``(B, V, D)``."""
+        v, q = query_index.shape[1], content.shape[1]
         mask = torch.ones(v + q, v + q, dtype=torch.bool, device=content.device)
         mask[:, v:] = False
         mask[:v, :v] = ~torch.eye(v, dtype=torch.bool, device=content.device)
+        view_content = torch.gather(content, 1, query_index[..., None].expand(-1, -1, content.shape[-1]))
         boxes = inverse_sigmoid(view_boxes.clamp(1e-4, 1 - 1e-4))
-        tgt = torch.cat([view_content.to(content.dtype), content], 1)
+        tgt = torch.cat([view_content, content], 1)
         ref = torch.cat([boxes.to(ref_unsig.dtype), ref_unsig], 1)
-        hidden, _ = self.transformer.decoder(tgt, ref, mem, mask)
-        return hidden[-1][:, :v]
+        # Called from the loss (autocast off) with the memory of a forward that may have run under autocast:
+        # decode in the memory's precision, as the forward did.
+        low = mem.memory.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(mem.memory.device.type, dtype=mem.memory.dtype if low else None, enabled=low):
+            hidden, _ = self.transformer.decoder(tgt, ref, mem, mask)
+        return hidden[-1][:, :v].float()
 
     def _select_queries(self, mem: EncoderMemory) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Two-stage "mixed" query selection: positions from the Q best encoder proposals (detached),
@@ -264,6 +278,7 @@ class DINO(nn.Module):
             )
         if self.training and any(ext.needs_views for ext in self.extensions.values()):
             out["decode_views"] = functools.partial(self.decode_views, mem, main_content.detach(), main_ref.detach())
+            out["head_outputs"] = self.head_outputs
         if not self.training and len(self.extensions):
             out["pred_scores"] = self.scores(out)
         return out

@@ -1,4 +1,5 @@
-"""CLIP teacher: open_clip model + local weights, class text embeddings, crops / pooled scoring, engines.
+"""Teachers: CLIP (open_clip model + local weights, class text embeddings) and image classifiers (fixed
+label space), with crops / pooled scoring and engines; ``TeacherConfig.family`` picks one (:mod:`.registry`).
 
     from lt_distill.pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize
     teacher = build_teacher(TeacherConfig(model="RN50", weights="RN50.openai.bin"))
@@ -6,7 +7,8 @@
     probs = teacher.score_pooled(image_hwc_uint8, boxes_xyxy_normalised)     # (K, C), RoIAlign + attnpool
 """
 
-from .config import ENGINES, MODES, PRECISIONS, SHIPPED_MODEL_CONFIGS, TeacherConfig, register_model_configs
+from .classifier import CLASSIFIER_MODELS, ClassifierTeacher, build_classifier_teacher
+from .config import ENGINES, FAMILIES, MODES, PRECISIONS, SHIPPED_MODEL_CONFIGS, TeacherConfig, register_model_configs
 from .engines import (
     PARITY_TOLERANCE,
     Engine,
@@ -21,7 +23,6 @@ from .model import (
     ResNetTrunk,
     Teacher,
     TeacherError,
-    build_teacher,
     encode_class_texts,
     file_sha256,
     load_open_clip,
@@ -32,16 +33,22 @@ from .preprocess import (
     GridCrops,
     ImageDecodeError,
     Normalize,
+    Preprocess,
+    PreprocessError,
     WholeImage,
     crop_and_resize,
+    cut_and_resize,
     decode_image,
     pixel_boxes,
     resize_image,
 )
+from .registry import TEACHER_FAMILIES, TeacherFamily, build_teacher
 
 __all__ = [
+    "CLASSIFIER_MODELS", "ClassifierTeacher", "FAMILIES", "TEACHER_FAMILIES", "TeacherFamily",
+    "build_classifier_teacher",
     "ENGINES", "MODES", "PARITY_TOLERANCE", "PRECISIONS", "SHIPPED_MODEL_CONFIGS", "CropEncoder", "Engine", "GridCrops",
-    "ImageDecodeError", "Normalize", "ParityCheck", "ResNetTrunk", "Teacher", "TeacherConfig", "TeacherError",
+    "ImageDecodeError", "Normalize", "ParityCheck", "Preprocess", "PreprocessError", "cut_and_resize", "ResNetTrunk", "Teacher", "TeacherConfig", "TeacherError",
     "build_engine", "build_teacher", "crop_and_resize", "decode_image", "default_engine_cache",
     "encode_class_texts", "file_sha256", "load_open_clip", "pixel_boxes", "register_model_configs",
     "resize_image", "resolve_device", "resolve_engine", "resolve_precision", "tensorrt_unavailable_reason", "WholeImage",

@@ -31,7 +31,8 @@ from ...errors import LtDistillError
 from ..vocab import Vocabulary, load_vocabulary, resolve_templates
 from .config import MODES, TeacherConfig
 from .engines import PARITY_TOLERANCE, Engine, ParityCheck, autocast, build_engine, eager_engine, resolve_engine
-from .preprocess import Normalize, crop_and_resize, resize_image
+from .preprocess import Normalize, Preprocess, crop_and_resize, resize_image
+from .textcache import cached_text_embeddings, resolve_text_cache, text_cache_key
 
 
 class TeacherError(LtDistillError):
@@ -131,8 +132,8 @@ def load_open_clip(model_name: str, weights: str | None, random_init: bool = Fal
         raise TeacherError("give either --weights or --random-init, not both")
     if not weights:
         if not random_init:
-            raise TeacherError(f"no weights for teacher {model_name!r}: pass --weights FILE (a local open_clip "
-                               "checkpoint) or --random-init (tests and demos only: the labels mean nothing)")
+            raise TeacherError(f"no weights for teacher {model_name!r}: pass --pretrained TAG (open_clip's "
+                               "cache), --weights FILE (a local open_clip checkpoint) or --random-init (tests and demos only: the labels mean nothing)")
         root = logging.getLogger()
         drop = _DropRandomInitWarning()
         root.addFilter(drop)
@@ -204,13 +205,15 @@ class Teacher:
                  templates: tuple[str, ...], synonyms: bool = False, temperature: float = 1.0,
                  device: torch.device | str = "cpu", precision: str = "fp32", engine: str = "eager",
                  pooled_size: int = 0, crop_batch: int = 256, pooled_batch: int = 8, text_batch: int = 1024,
-                 engine_cache: str | Path | None = None, weights_file: str | None = None) -> None:
+                 engine_cache: str | Path | None = None, weights_file: str | None = None,
+                 text_cache: str | Path | None = None, pretrained: str | None = None) -> None:
         self.device = torch.device(device)
         self.precision = precision
         self.requested_engine = engine
         self.model_name = model_name
         self.weights_id = weights_id
         self.weights_file = weights_file
+        self.pretrained = pretrained
         self.vocabulary = vocabulary
         self.templates = tuple(templates)
         self.synonyms = synonyms
@@ -231,11 +234,18 @@ class Teacher:
         self.pooled_size = int(pooled_size) or 2 * self.input_size
         if self.supports_pooled and self.pooled_size % 32:
             raise TeacherError(f"pooled size {self.pooled_size} must be a multiple of 32 (the ResNet stride)")
+        # The model's own eval transform (open_clip's preprocess_cfg: interpolation, resize mode) for crops;
+        # the pooled path's whole-image resize is always a squash, so every box stays in view.
+        self.preprocess = Preprocess.from_open_clip(cfg, self.input_size)
+        self.pooled_preprocess = self.preprocess.with_size(self.pooled_size, "squash")
         self.logit_scale = float(self.model.logit_scale.exp())
 
-        tokenizer = open_clip.get_tokenizer(model_name)
-        self.text_embeddings = encode_class_texts(
-            self.model, tokenizer, vocabulary.prompts(self.templates, synonyms), self.device, precision, text_batch)
+        prompts = vocabulary.prompts(self.templates, synonyms)
+        key = text_cache_key(model=model_name, weights_id=weights_id, prompts=prompts, precision=precision,
+                             device=self.device)
+        self.text_embeddings, self.text_from_cache = cached_text_embeddings(key, lambda: encode_class_texts(
+            self.model, open_clip.get_tokenizer(model_name), prompts, self.device, precision, text_batch),
+            Path(text_cache) if text_cache else None, self.device)
         self.fingerprint = self._fingerprint()
         self._modules = {"crops": CropEncoder(visual)}
         if self.supports_pooled:
@@ -258,13 +268,16 @@ class Teacher:
     def provenance(self, mode: str = "crops") -> dict[str, Any]:
         """What a label store records about the teacher that made its labels with ``mode``."""
         return {
+            "family": "clip",
             "model": self.model_name,
             "weights_sha256": self.weights_id,
             "weights_file": Path(self.weights_file).name if self.weights_file else None,
+            "pretrained": self.pretrained,  # open_clip tag the weights came from (--pretrained), or None
             "mode": mode,
             "engine": self.engine(mode).name,
             "precision": self.precision,
             "input_size": self.input_size,
+            "preprocess": (self.pooled_preprocess if mode == "pooled" else self.preprocess).to_dict(),
             "pooled_size": self.pooled_size if mode == "pooled" else None,
             "roi_size": self.roi_size if mode == "pooled" else None,
             "logit_scale": self.logit_scale,
@@ -333,7 +346,7 @@ class Teacher:
 
     def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
-        return self.score_crop_batch(crop_and_resize(image, boxes, self.input_size))
+        return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
 
     def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input) + attention pool -> (B, K, D)."""
@@ -366,7 +379,7 @@ class Teacher:
 
     def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
         """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
-        return self.score_pooled_batch(resize_image(image, self.pooled_size)[None], boxes)[0]
+        return self.score_pooled_batch(resize_image(image, self.pooled_preprocess)[None], boxes)[0]
 
 
 def build_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> Teacher:
@@ -374,11 +387,22 @@ def build_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> T
     vocab = vocabulary if vocabulary is not None else load_vocabulary(cfg.vocab)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model, weights_id = load_open_clip(cfg.model, cfg.weights, cfg.random_init, cfg.seed)
+    weights_file = cfg.weights
+    if cfg.pretrained:  # an open_clip tag: open_clip finds (or downloads) the file
+        if cfg.weights or cfg.random_init:
+            raise TeacherError("give one of --pretrained TAG, --weights FILE or --random-init")
+        from .pretrained import load_pretrained
+
+        model, weights_id, path = load_pretrained(cfg.model, cfg.pretrained)
+        weights_file = str(path)
+    else:
+        model, weights_id = load_open_clip(cfg.model, cfg.weights, cfg.random_init, cfg.seed)
     ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with ctx:
         return Teacher(model, model_name=cfg.model, weights_id=weights_id, vocabulary=vocab,
                        templates=resolve_templates(cfg.templates), synonyms=cfg.synonyms,
                        temperature=cfg.temperature, device=device, precision=precision, engine=cfg.engine,
                        pooled_size=cfg.pooled_size, crop_batch=cfg.crop_batch, pooled_batch=cfg.pooled_batch,
-                       text_batch=cfg.text_batch, engine_cache=cfg.engine_cache or None, weights_file=cfg.weights)
+                       text_batch=cfg.text_batch, engine_cache=cfg.engine_cache or None, weights_file=weights_file,
+                       text_cache=resolve_text_cache(cfg.text_cache, cfg.engine_cache or None),
+                       pretrained=cfg.pretrained or None)

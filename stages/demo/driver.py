@@ -197,7 +197,8 @@ def _run(workdir: Path, cfg: DemoConfig, log: Callable[[str], None], progress: b
 def _train_and_evaluate(name: str, method: Any, cfg: DemoConfig, ds: SyntheticDataset, store: Path, run_dir: Path,
                         log: Callable[[str], None], progress: bool, timings: dict[str, float]) -> dict[str, Any]:
     """Steps 3-4 for one method: its training stages in turn (each from the previous final model; the last
-    one in ``run_dir``), then lvis-api on the validation split beside a chance baseline."""
+    one in ``run_dir``, earlier ones in ``run_dir/stage_<name>``), then lvis-api on the validation split
+    beside a chance baseline."""
     from ..train.config import train_config
     from ..train.evaluation import evaluate_checkpoint
     from ..train.loop import train
@@ -208,7 +209,7 @@ def _train_and_evaluate(name: str, method: Any, cfg: DemoConfig, ds: SyntheticDa
     iterations = 0
     for i, stage in enumerate(stages):
         iters = max(int(round(cfg.max_iters * stage.iters_fraction)), 1)
-        stage_dir = run_dir if i == len(stages) - 1 else run_dir.with_name(f"{run_dir.name}_{stage.name}")
+        stage_dir = run_dir if i == len(stages) - 1 else run_dir / f"stage_{stage.name}"
         log(f"[3/5] train ({name}{', ' + stage.name if len(stages) > 1 else ''}): tiny DINO, {iters} iterations")
         base = _train_config_dict(dataclasses.replace(cfg, max_iters=iters), ds, store, stage_dir)
         base.update(method=name)

@@ -100,6 +100,7 @@ class StoreCheckConfig:
     topk: int = 0  # 0 accepts the store's top-k
     residual: str = ""  # "spread" | "renormalise"; "" accepts the store's
     teacher_model: str = ""  # open_clip model name; "" accepts any
+    class_list: str = ""  # the .cls index space precompute labelled with (named list or file); "" accepts any
 
 
 @dataclasses.dataclass
@@ -111,7 +112,7 @@ class HardLabelConfig:
     (RichSem Eq. 7)."""
 
     source: str = "cls"
-    class_list: str = "imagenet21k"  # .cls index space: named list or file (one wnid a line)
+    class_list: str = ""  # .cls index space: a named list (pipeline.vocab.CLASS_LISTS) or a file
     synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
     pseudo_threshold: float = 0.5
 

