@@ -53,6 +53,10 @@ class ClipLikeLabels:
 
     def draw(self, num_images: int) -> np.ndarray:
         """(num_images, K, C) float32 probabilities."""
+        return torch.softmax(100.0 * self.embeddings(num_images) @ self.text.T, dim=-1).numpy()
+
+    def embeddings(self, num_images: int) -> torch.Tensor:
+        """(num_images, K, D) float32 unit-norm image embeddings (what an embedding store keeps)."""
         g, n, k = self.gen, num_images, self.num_crops
         num_obj = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), n, replacement=True, generator=g) + 1
         classes = torch.multinomial(self.popularity, 3 * n, replacement=True, generator=g).view(n, 3)
@@ -64,8 +68,7 @@ class ClipLikeLabels:
         mix = torch.einsum("nkj,njd->nkd", weights, self.text[classes])
         mix = torch.nn.functional.normalize(mix, dim=-1)
         noise = torch.nn.functional.normalize(torch.randn(n, k, self.dim, generator=g), dim=-1)
-        image = torch.nn.functional.normalize(0.55 * mix + 0.45 * noise, dim=-1)
-        return torch.softmax(100.0 * image @ self.text.T, dim=-1).numpy()
+        return torch.nn.functional.normalize(0.55 * mix + 0.45 * noise, dim=-1)
 
 
 def _timed_reads(reader: LabelReader, rows: list[tuple[int, int]]) -> float:
@@ -165,9 +168,12 @@ def _print_table(console: Console, r: dict[str, Any]) -> None:
 
 def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: int = 30, topk: int = 16,
                         num_reads: int = 50_000, workdir: Path | None = None, seed: int = 0,
-                        console: Console | None = None, real_photos: str | None = None) -> dict[str, Any]:
+                        console: Console | None = None, real_photos: str | None = None,
+                        embedding: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a store of the given shape with CLIP-like labels, then measure it (see the module docstring);
-    then the top-k KL sweep (:func:`topk_kl_table`) on the generator's and a real teacher's distributions."""
+    then the top-k KL sweep (:func:`topk_kl_table`) on the generator's and a real teacher's distributions.
+    ``embedding``: also measure the embedding encoding (keyword arguments of
+    :func:`.store_embedding.run_embedding_benchmark`; None skips it)."""
     console = console or Console()
     with tempfile.TemporaryDirectory(prefix="lt-distill-bench-store-") as tmp:
         path = Path(workdir or tmp) / "bench.zarr"
@@ -203,6 +209,11 @@ def run_store_benchmark(num_shards: int = 64, capacity: int = 1000, num_crops: i
     _print_table(console, results)
     results["topk_kl"] = topk_kl_table(ClipLikeLabels(seed + 1, num_crops).draw(64), real_photos, num_crops=num_crops)
     print_topk_kl_table(results["topk_kl"], console)
+    if embedding is not None:  # the embedding encoding's table, beside the top-k one (bench/store_embedding.py)
+        from .store_embedding import run_embedding_benchmark
+
+        results["embedding"] = run_embedding_benchmark(num_crops=num_crops, workdir=workdir, seed=seed,
+                                                       console=console, **embedding)
     return results
 
 

@@ -64,6 +64,11 @@ def precompute_cmd(
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature on CLIP's logit scale.")] = 1.0,
     residual: Annotated[str, typer.Option("--residual", help="How readers treat the mass outside the top-k: "
                                           "spread (over the other classes) or renormalise.")] = "spread",
+    encoding: Annotated[str, typer.Option("--encoding", help="topk: k classes per crop (one vocabulary, prompt set, "
+                                          "temperature); embedding: each crop's teacher image embedding (any "
+                                          "vocabulary of the same teacher, decoded when training); both.")] = "topk",
+    embed_dtype: Annotated[str, typer.Option("--embed-dtype", help="Embedding encoding: int8 (one float16 scale per "
+                                             "crop) or float16.")] = "int8",
     engine: Annotated[str, typer.Option("--engine", help="eager, compile, tensorrt, or auto (best available).")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, "
                                            "bf16.")] = "auto",
@@ -112,7 +117,8 @@ def precompute_cmd(
                             temperature=temperature, pooled_size=pooled_size, device=device, precision=precision,
                             engine=engine, engine_cache=str(engine_cache) if engine_cache else "")
     cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher, mode=mode, grid=grid, topk=topk,
-                           residual=residual, labels=labels, class_list=class_list, label_check=label_check,
+                           residual=residual, encoding=encoding, embed_dtype=embed_dtype, labels=labels,
+                           class_list=class_list, label_check=label_check,
                            synset_wnids=str(synset_wnids) if synset_wnids else "", pseudo_threshold=pseudo_threshold,
                            batch_size=batch_size, workers=default_workers() if workers is None else workers,
                            threads=threads, shard_capacity=shard_capacity,

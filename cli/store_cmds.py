@@ -36,7 +36,12 @@ def info_cmd(store: StorePath, json_out: JsonOut = None) -> None:
     table.add_row("teacher", json.dumps(attrs.get("teacher", {}))[:300])
     table.add_row("vocabulary", f"{attrs['vocabulary']['num_names']} classes, sha256 {attrs['vocabulary']['sha256'][:16]}…")
     table.add_row("grid", f"{attrs['grid']['spec']} ({attrs['grid']['num_boxes']} boxes)")
-    table.add_row("encoding", ", ".join(f"{k}={v}" for k, v in attrs["encoding"].items() if k != "probabilities"))
+    table.add_row("encoding", ", ".join(f"{k}={v}" for k, v in attrs["encoding"].items()
+                                        if k not in ("probabilities", "embedding")))
+    emb = attrs["encoding"].get("embedding")
+    if emb:
+        table.add_row("embedding", f"D={emb['dim']} {emb['dtype']}, logit_scale={emb['logit_scale']:.4g}, "
+                                   f"temperature={emb['temperature']:g}, text tower {json.dumps(emb['text_tower'])}")
     table.add_row("source", json.dumps(attrs.get("source", {}))[:300])
     table.add_row("shards", f"{info['shards']['done']} / {info['shards']['total']} done (files present; "
                   "`store verify` checks every chunk)")
@@ -72,12 +77,13 @@ def stats_cmd(store: StorePath, json_out: JsonOut = None,
     """Bytes per image on disk, mean label entropy, most frequent top-1 classes."""
     stats = store_stats(store, top=top)
     table = Table(title=f"label store statistics: {store}", show_header=False)
-    for key in ("images_done", "bytes_on_disk", "bytes_per_image", "mean_entropy_nats", "mean_residual_mass",
-                "mean_top1_prob", "residual_policy"):
+    for key in ("images_done", "bytes_on_disk", "bytes_per_image", "encoding", "mean_entropy_nats", "mean_residual_mass",
+                "mean_top1_prob", "residual_policy", "embedding_dim", "embedding_dtype", "mean_embedding_norm",
+                "mean_quantisation_step", "embedding_mean_entropy_nats"):
         if key in stats:
             value = stats[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    for item in stats.get("top1_classes", []):
+    for item in stats.get("top1_classes", stats.get("embedding_top1_classes", [])):
         table.add_row(f"  top-1 {item['name']}", str(item["count"]))
     console.print(table)
     _write_json(json_out, stats)
@@ -95,12 +101,23 @@ def bench_store_cmd(
     seed: int = 0,
     real_photos: Annotated[str, typer.Option(
         help="Photos for the real teacher's top-k KL rows: skimage, coco8, a folder ('none': skip).")] = "skimage",
+    embedding: Annotated[bool, typer.Option(help="Also measure the embedding encoding (bytes for each D and "
+                                            "dtype, KL of int8/fp16, read rate, decode cost).")] = True,
+    embed_dims: Annotated[str, typer.Option(help="Embedding widths D to size, comma-separated.")] = "512,1024",
+    embed_shards: Annotated[int, typer.Option(help="Shards of each embedding store (of --capacity images; "
+                                              "int8 D=512 is 15 KB per image).")] = 4,
+    step_time: Annotated[bool, typer.Option(help="Time a tiny-preset training step to compare the decode "
+                                            "cost with.")] = True,
 ) -> None:
-    """Write a store of realistic shape with CLIP-like labels; time writes and reads; measure size and KL (top-k
-    KL for k = 8, 16, 32 on the synthetic and a real teacher's distributions)."""
+    """Write a store of realistic shape with CLIP-like labels; time writes and reads; measure size and KL; the
+    same for the embedding encoding; top-k KL for k = 8, 16, 32 on the synthetic and a real teacher's
+    distributions."""
     from ..bench.store import run_store_benchmark
 
+    embed = {"num_shards": embed_shards, "capacity": capacity, "num_reads": min(reads, 20_000),
+             "dims": tuple(int(d) for d in embed_dims.split(",") if d.strip()), "step_time": step_time} \
+        if embedding else None
     results = run_store_benchmark(num_shards=shards, capacity=capacity, num_crops=crops, topk=topk,
-                                  num_reads=reads, workdir=workdir, seed=seed, console=console,
+                                  num_reads=reads, workdir=workdir, seed=seed, console=console, embedding=embed,
                                   real_photos=None if real_photos == "none" else real_photos)
     _write_json(json_out, results)

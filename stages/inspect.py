@@ -46,7 +46,7 @@ def render_labels(store: str | Path, shards: str, key: str, out: str | Path, top
         raise LtDistillError(f"--shards names {len(urls)} shards but the store was made from "
                              f"{reader.layout.num_shards} ({attrs['source'].get('pattern')})")
     image = read_sample_image(urls[shard], key)
-    index, prob, valid = reader.labels(shard, pos)
+    index, prob, valid = reader.top_labels(shard, pos, max(top, 1))  # embedding stores: decoded
     rows = reader.shard_rows(shard)
     names = attrs["vocabulary"]["names"]
     grid = GridSpec.parse(attrs["grid"]["spec"])

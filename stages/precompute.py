@@ -59,6 +59,8 @@ from ..pipeline.vocab import (
 )
 from .shards import manifest_counts
 from ..store import (
+    EMBED_DTYPES,
+    ENCODINGS,
     REASON_CODES,
     REASONS,
     STATUS_DONE,
@@ -72,6 +74,7 @@ from ..store import (
     check_compatible,
     damaged_shards,
     is_label_store,
+    quantise,
 )
 
 MODES = ("crops", "pooled")
@@ -88,6 +91,10 @@ class PrecomputeConfig:
     grid: str = "default"
     topk: int = 16
     residual: str = "spread"
+    # topk: k classes per crop (one vocabulary, prompt set and temperature); embedding: each crop's teacher
+    # image embedding (any vocabulary of the same teacher, decoded at training time); both.
+    encoding: str = "topk"
+    embed_dtype: str = "int8"  # int8 (+ one float16 scale per crop) or float16
     labels: str = "cls"  # cls | json[:FIELD] | none
     class_list: str = ""  # .cls index space: a named list (pipeline.vocab.CLASS_LISTS) or a file (one wnid a line)
     synset_wnids: str = ""  # synset<TAB>wnid table; "" = the shipped LVIS/WordNet 3.0 table
@@ -117,6 +124,10 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.embed_dtype not in EMBED_DTYPES:
+            raise ConfigError(f"embed_dtype must be one of {EMBED_DTYPES}, got {self.embed_dtype!r}")
         for name in ("topk", "batch_size", "chunk_size", "prefetch", "object_block_size", "min_image_size",
                      "max_image_pixels"):
             if getattr(self, name) < 1:
@@ -234,7 +245,7 @@ def prepare_job(cfg: PrecomputeConfig) -> Job:
     if cfg.residual not in ("spread", "renormalise"):
         raise ConfigError(f"residual must be spread or renormalise, got {cfg.residual!r}")
     vocabulary = load_vocabulary(cfg.teacher.vocab)
-    if cfg.topk > len(vocabulary):
+    if cfg.encoding != "embedding" and cfg.topk > len(vocabulary):
         raise ConfigError(f"topk {cfg.topk} exceeds the vocabulary's {len(vocabulary)} classes")
     source = LabelSource.parse(cfg.labels)
     class_list = label_class_list(source, cfg.class_list) if urls else None  # objects-only runs have no .cls
@@ -269,11 +280,16 @@ def expected_attributes(job: Job) -> dict[str, Any]:
     expected = {
         "vocabulary.sha256": job.teacher.vocabulary.sha256,
         "grid.spec": job.grid.spec,
-        "encoding.topk": job.cfg.topk,
-        "encoding.residual": job.cfg.residual,
+        "encoding.kind": job.cfg.encoding,
+        "encoding.topk": _layout_topk(job.cfg),
         "source.pattern": job.pattern,
         "layout.num_shards": len(job.urls),
     }
+    if job.cfg.encoding != "embedding":
+        expected["encoding.residual"] = job.cfg.residual
+    if job.cfg.encoding != "topk":
+        expected["layout.embed_dim"] = _embedding_dim(job.teacher)
+        expected["layout.embed_dtype"] = job.cfg.embed_dtype
     for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "preprocess", "pooled_size",
                   "temperature", "prompt_templates", "synonyms", "text_fingerprint"):
         expected[f"teacher.{field}"] = prov[field]
@@ -282,6 +298,37 @@ def expected_attributes(job: Job) -> dict[str, Any]:
     if job.cfg.shard_capacity:
         expected["layout.shard_capacity"] = job.cfg.shard_capacity
     return expected
+
+
+def _embedding_dim(teacher: Teacher) -> int:
+    """D of the teacher's joint image-text space (image and text embeddings share it)."""
+    if teacher.text_embeddings is None:  # a classifier teacher: fixed label space, no text tower to decode with
+        raise ConfigError(f"--encoding embedding|both needs a CLIP teacher (a joint image-text space); "
+                          f"{teacher.model_name} has no text tower: use --encoding topk")
+    return int(teacher.text_embeddings.shape[1])
+
+
+def _layout_topk(cfg: PrecomputeConfig) -> int:
+    return 0 if cfg.encoding == "embedding" else cfg.topk
+
+
+def store_attrs_for_check(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes as a resume check reads them: stores made before the embedding encoding are top-k."""
+    encoding = dict(attrs.get("encoding", {}))
+    encoding.setdefault("kind", "topk")
+    return {**attrs, "encoding": encoding}
+
+
+def embedding_description(teacher: Teacher) -> dict[str, Any]:
+    """What a reader needs to decode a store's embeddings: the logit scale and temperature of the teacher,
+    and the identity of its text tower (class text embeddings for any vocabulary must come from it)."""
+    return {
+        "logit_scale": teacher.logit_scale,
+        "temperature": teacher.temperature,
+        "space": "joint image-text (CLIP)",
+        "text_tower": {"model": teacher.model_name, "weights_sha256": teacher.weights_id,
+                       "weights_file": Path(teacher.weights_file).name if teacher.weights_file else None},
+    }
 
 
 def _round_up(n: int, multiple: int = 16) -> int:
@@ -298,7 +345,8 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path} exists and is not a label store; refusing to write there")
         # Opening names what is wrong with an old, incomplete or foreign store.
-        check_compatible(LabelStore.open(path, "r").attrs, expected_attributes(job), f"label store {path}")
+        check_compatible(store_attrs_for_check(LabelStore.open(path, "r").attrs), expected_attributes(job),
+                         f"label store {path}")
         return "resume"
 
     action = _agree(d, decide)
@@ -313,8 +361,10 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
 
         def create() -> None:
             prov = job.teacher.provenance(cfg.mode)
+            embed = cfg.encoding != "topk"
             layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity, num_crops=job.grid.num_boxes,
-                                 topk=cfg.topk, num_classes=len(job.teacher.vocabulary))
+                                 topk=_layout_topk(cfg), num_classes=len(job.teacher.vocabulary),
+                                 embed_dim=_embedding_dim(job.teacher) if embed else 0, embed_dtype=cfg.embed_dtype)
             try:
                 LabelStore.create(
                     path, layout, teacher=prov, vocabulary=job.teacher.vocabulary.names, grid_spec=job.grid.spec,
@@ -322,7 +372,8 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
                     source={"pattern": job.pattern, "num_shards": len(job.urls)},
                     extra={"precompute": job.settings}, overwrite=cfg.overwrite,
                     text_embeddings=None if job.teacher.text_embeddings is None  # classifiers: no text tower
-                    else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint))
+                    else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint),
+                    embedding=embedding_description(job.teacher) if embed else None)
             except StoreExistsError:
                 if cfg.overwrite or not path.exists():
                     raise
@@ -330,7 +381,7 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
 
         _agree(d, create)
     store = LabelStore.open(path, "r+")
-    check_compatible(store.attrs, expected_attributes(job), f"label store {path}")
+    check_compatible(store_attrs_for_check(store.attrs), expected_attributes(job), f"label store {path}")
     return store
 
 
@@ -387,6 +438,8 @@ class _ShardState:
     pending_images: int = 0
     index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (b, K, k) per batch
     prob: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    embedding: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (b, K, D) float32 per batch
+    whole_top1: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (b, 2) prob, class (pseudo labels)
     finite: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
@@ -394,12 +447,14 @@ class ShardLabeler:
     """Main-process stage: turns :class:`ShardChunk` items into whole-shard :class:`ShardResult` objects."""
 
     def __init__(self, teacher: Teacher, mode: str, grid_boxes: np.ndarray, topk: int, batch_size: int,
-                 pseudo_threshold: float | None) -> None:
+                 pseudo_threshold: float | None, encoding: str = "topk", embed_dtype: str = "int8") -> None:
         self.teacher = teacher
         self.mode = mode
         self.boxes = torch.as_tensor(np.asarray(grid_boxes, dtype=np.float32))
         self.rows_per_image = len(self.boxes) if mode == "crops" else 1
-        self.topk = topk
+        self.topk = topk if encoding != "embedding" else 0
+        self.embed = encoding != "topk"
+        self.embed_dtype = embed_dtype
         self.batch_size = batch_size
         self.pseudo_threshold = pseudo_threshold
         areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
@@ -427,13 +482,23 @@ class ShardLabeler:
         batch = self._take(st, images * self.rows_per_image)
         st.pending_images -= images
         if self.mode == "crops":
-            probs = self.teacher.score_crop_batch(batch).view(images, len(self.boxes), -1)
+            feats = self.teacher.crop_features(batch).view(images, len(self.boxes), -1)
         else:
-            probs = self.teacher.score_pooled_batch(batch, self.boxes)
-        st.finite.append(torch.isfinite(probs).all(dim=2).all(dim=1))
-        prob, index = torch.topk(torch.nan_to_num(probs, nan=0.0), self.topk, dim=-1)
-        st.index.append(index)
-        st.prob.append(prob)
+            feats = self.teacher.pooled_features(batch, self.boxes)
+        finite = torch.isfinite(feats).all(dim=2).all(dim=1)
+        if self.topk:
+            probs = self.teacher.probs_from_features(feats)
+            finite &= torch.isfinite(probs).all(dim=2).all(dim=1)
+            prob, index = torch.topk(torch.nan_to_num(probs, nan=0.0), self.topk, dim=-1)
+            st.index.append(index)
+            st.prob.append(prob)
+            st.whole_top1.append(torch.stack([prob[:, self.whole, 0], index[:, self.whole, 0].to(prob)], 1))
+        elif self.pseudo_threshold is not None:
+            top_p, top_i = self.teacher.probs_from_features(feats[:, self.whole]).max(dim=-1)
+            st.whole_top1.append(torch.stack([top_p, top_i.to(top_p)], 1))
+        if self.embed:
+            st.embedding.append(feats.float())
+        st.finite.append(finite)
 
     def add(self, chunk: ShardChunk) -> ShardResult | None:
         """Take one chunk; returns the shard's result when this chunk was its last."""
@@ -461,25 +526,36 @@ class ShardLabeler:
         hard = torch.cat([c.hard_labels for c in st.chunks]).numpy().astype(np.int32)
         reasons = torch.cat([c.reasons for c in st.chunks]).numpy().astype(np.uint8)
         n, kk, k = len(keys), len(self.boxes), self.topk
-        index = np.full((n, kk, k), -1, np.int16)
-        prob = np.zeros((n, kk, k), np.float16)
+        labels: dict[str, np.ndarray] = {}
+        if k:
+            labels["index"] = np.full((n, kk, k), -1, np.int16)
+            labels["prob"] = np.zeros((n, kk, k), np.float16)
+        if self.embed:
+            d = _embedding_dim(self.teacher)
+            labels["embedding"] = np.zeros((n, kk, d), self.embed_dtype)
+            if self.embed_dtype == "int8":
+                labels["embedding_scale"] = np.zeros((n, kk), np.float16)
         good = np.nonzero(reasons == 0)[0]
         if len(good):
-            gi = torch.cat(st.index).cpu().numpy()
-            gp = torch.cat(st.prob).float().cpu()
             finite = torch.cat(st.finite).cpu().numpy()
-            index[good] = gi.astype(np.int16)
-            prob[good] = gp.numpy().astype(np.float16)
+            if k:
+                labels["index"][good] = torch.cat(st.index).cpu().numpy().astype(np.int16)
+                labels["prob"][good] = torch.cat(st.prob).float().cpu().numpy().astype(np.float16)
+            if self.embed:
+                feats = torch.nan_to_num(torch.cat(st.embedding)).cpu().numpy()
+                codes, scale = quantise(feats, self.embed_dtype)
+                labels["embedding"][good] = codes
+                if scale is not None:
+                    labels["embedding_scale"][good] = scale
             reasons[good[~finite]] = REASON_CODES["teacher_error"]
             if self.pseudo_threshold is not None:
-                top_p = gp[:, self.whole, 0].numpy()
-                top_i = gi[:, self.whole, 0]
-                hard[good] = np.where(top_p > self.pseudo_threshold, top_i, -1)
+                top = torch.cat(st.whole_top1).float().cpu().numpy()
+                hard[good] = np.where(top[:, 0] > self.pseudo_threshold, top[:, 1].astype(np.int64), -1)
         reasons[duplicate_rows(keys)] = REASON_CODES["duplicate_key"]
         status = np.where(reasons == 0, STATUS_DONE, STATUS_FAILED).astype(np.uint8)
         hard[status != STATUS_DONE] = -1
         return ShardResult(keys=keys, sizes=sizes, hard_labels=hard, status=status, reasons=reasons,
-                           index=index, prob=prob, read=dict(st.chunks[-1].read))
+                           read=dict(st.chunks[-1].read), **labels)
 
 
 def duplicate_rows(keys: list[str]) -> np.ndarray:
@@ -542,7 +618,8 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=cfg.prefetch if workers else None)
     labeler = ShardLabeler(teacher, cfg.mode, job.grid.boxes(), cfg.topk, cfg.batch_size,
-                           cfg.pseudo_threshold if job.labeler.source.kind == "none" else None)
+                           cfg.pseudo_threshold if job.labeler.source.kind == "none" else None,
+                           cfg.encoding, cfg.embed_dtype)
     rows_done = store.shard_num_rows()[store.shards_done()]
     per_shard = float(rows_done.mean()) if len(rows_done) else float(store.layout.shard_capacity)
     bar = _Progress(progress, len(shards), per_shard)
@@ -763,11 +840,13 @@ def run_objects(job: Job, d: Dist, say: Callable[[str], None]) -> dict[str, Any]
             raise StoreError(f"no label store at {path}: object labels go into a store made by a "
                              "classification run (give --shards too)")
         store = LabelStore.open(path, "r+")
-        check_compatible(store.attrs, {"vocabulary.sha256": teacher.vocabulary.sha256,
-                                       "teacher.model": teacher.model_name,
-                                       "teacher.weights_sha256": teacher.weights_id,
-                                       "teacher.text_fingerprint": teacher.fingerprint["sha256"],
-                                       "encoding.topk": cfg.topk}, f"label store {path}")
+        expected = {"vocabulary.sha256": teacher.vocabulary.sha256, "teacher.model": teacher.model_name,
+                    "teacher.weights_sha256": teacher.weights_id,
+                    "teacher.text_fingerprint": teacher.fingerprint["sha256"],
+                    "encoding.kind": cfg.encoding, "encoding.topk": _layout_topk(cfg)}
+        if cfg.encoding != "topk":
+            expected["layout.embed_dtype"] = cfg.embed_dtype
+        check_compatible(store_attrs_for_check(store.attrs), expected, f"label store {path}")
         store.create_objects(len(anns), cfg.object_block_size, source=source, overwrite=cfg.overwrite)
 
     _agree(d, setup)
@@ -796,7 +875,7 @@ def run_objects(job: Job, d: Dist, say: Callable[[str], None]) -> dict[str, Any]
             continue
         items = block_images.pop(block)
         block_anns = anns[block * bs:(block + 1) * bs]
-        data, failed_reasons = _label_object_block(teacher, cfg.topk, cfg.batch_size, block_anns, items)
+        data, failed_reasons = _label_object_block(teacher, store.layout, cfg.batch_size, block_anns, items)
         store.write_objects_block(block, data)
         counts["blocks"] += 1
         counts["done"] += int((data.status == STATUS_DONE).sum())
@@ -821,13 +900,14 @@ def _finite_box(bbox: Any) -> tuple[float, float, float, float] | None:
     return box if all(np.isfinite(box)) else None
 
 
-def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list[dict[str, Any]],
+def _label_object_block(teacher: Teacher, layout: StoreLayout, batch_size: int, anns: list[dict[str, Any]],
                         items: list[tuple[int, torch.Tensor | None, tuple[int, int]]]) -> tuple[ObjectBlock, list[str]]:
-    """Pooled labels for one block's annotations; ``items`` are its images in order of first use.
-    Returns the block and the failure reason of each failed annotation."""
-    n = len(anns)
+    """Pooled labels for one block's annotations in the store's encoding(s); ``items`` are its images in
+    order of first use. Returns the block and the failure reason of each failed annotation."""
+    n, topk = len(anns), layout.topk
     index = np.full((n, topk), -1, np.int16)
     prob = np.zeros((n, topk), np.float16)
+    feats_out = np.zeros((n, layout.embed_dim), np.float32)
     status = np.full(n, STATUS_FAILED, np.uint8)
     reasons: list[str | None] = [None] * n
     by_image: dict[int, list[int]] = collections.defaultdict(list)
@@ -856,10 +936,15 @@ def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list
                     continue
                 boxes[j, slot] = [max(x, 0) / w, max(y, 0) / h, min(x + bw, w) / w, min(y + bh, h) / h]
                 valid[j, slot] = True
-        probs = teacher.score_pooled_batch(torch.stack([im for _, im, _ in batch]), torch.from_numpy(boxes))
-        top_p, top_i = torch.topk(probs, topk, dim=-1)
-        top_p, top_i = top_p.float().cpu().numpy(), top_i.cpu().numpy()
-        finite = torch.isfinite(probs).all(-1).cpu().numpy()
+        feats = teacher.pooled_features(torch.stack([im for _, im, _ in batch]), torch.from_numpy(boxes))
+        finite_t = torch.isfinite(feats).all(-1)
+        if topk:
+            probs = teacher.probs_from_features(feats)
+            finite_t &= torch.isfinite(probs).all(-1)
+            top_p, top_i = torch.topk(probs, topk, dim=-1)
+            top_p, top_i = top_p.float().cpu().numpy(), top_i.cpu().numpy()
+        feats_np = feats.float().cpu().numpy()
+        finite = finite_t.cpu().numpy()
         for j, idxs in enumerate(rows):
             for slot, i in enumerate(idxs):
                 if not valid[j, slot]:
@@ -867,9 +952,19 @@ def _label_object_block(teacher: Teacher, topk: int, batch_size: int, anns: list
                 if not finite[j, slot]:
                     reasons[i] = "teacher_error"
                     continue
-                index[i], prob[i], status[i] = top_i[j, slot], top_p[j, slot], STATUS_DONE
+                if topk:
+                    index[i], prob[i] = top_i[j, slot], top_p[j, slot]
+                if layout.embed_dim:
+                    feats_out[i] = feats_np[j, slot]
+                status[i] = STATUS_DONE
+    labels: dict[str, np.ndarray | None] = {}
+    if topk:
+        labels.update(index=index, prob=prob)
+    if layout.embed_dim:
+        codes, scale = quantise(feats_out, layout.embed_dtype)
+        labels.update(embedding=codes, embedding_scale=scale)
     block = ObjectBlock(ann_ids=np.array([a["id"] for a in anns], np.int64),
                         image_ids=np.array([a["image_id"] for a in anns], np.int64),
                         boxes=np.array([_finite_box(a.get("bbox")) or (0, 0, 0, 0) for a in anns], np.float32).reshape(-1, 4),
-                        index=index, prob=prob, status=status)
+                        status=status, **labels)
     return block, [r or "undecodable" for r, st in zip(reasons, status) if st != STATUS_DONE]

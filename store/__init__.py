@@ -1,6 +1,15 @@
 """The Zarr label store: the contract between precompute (stage 1) and training (stage 2)."""
 
 from .checks import check_compatible, damaged_shards, get_attr, store_bytes, store_info, store_stats, verify_store
+from .embedding import (
+    EMBED_DTYPES,
+    ENCODINGS,
+    bytes_per_image,
+    decode_embeddings,
+    dequantise,
+    int8_error_bound,
+    quantise,
+)
 from .labelstore import LabelStore, ObjectBlock, ShardResult, is_label_store, vocabulary_sha256
 from .lock import ShardLock
 from .reader import LabelReader
@@ -26,4 +35,5 @@ __all__ = [
     "StoreLayout", "StoreMismatchError", "check_compatible", "damaged_shards", "decode_topk", "encode_topk", "get_attr",
     "is_label_store", "kl_divergence", "residual_mass", "store_bytes", "store_info", "store_stats",
     "verify_store", "vocabulary_sha256",
+    "EMBED_DTYPES", "ENCODINGS", "bytes_per_image", "decode_embeddings", "dequantise", "int8_error_bound", "quantise",
 ]

@@ -7,17 +7,20 @@ from typing import Any
 
 import numpy as np
 
+from .embedding import decode_embeddings, dequantise
 from .integrity import ArrayFiles, array_problems
 from .labelstore import LabelStore
 from .schema import (
     REASONS,
     REQUIRED_ATTRS,
-    ROW_ARRAYS,
+    REQUIRED_EMBEDDING_ATTRS,
+    REQUIRED_TOPK_ATTRS,
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_MISSING,
     StoreError,
     StoreMismatchError,
+    row_arrays,
 )
 from .topk import decode_topk
 
@@ -160,8 +163,6 @@ def _check_rows(store: LabelStore, start: int, stop: int, num_rows: np.ndarray, 
     cap = lay.shard_capacity
     lo, hi = start * cap, stop * cap
     status = g["rows/status"][lo:hi]
-    index = g["labels/index"][lo:hi]
-    prob = g["labels/prob"][lo:hi].astype(np.float32)
     hard = g["rows/hard_label"][lo:hi]
     reason = g["rows/reason"][lo:hi]
     for s in range(start, stop):
@@ -174,14 +175,12 @@ def _check_rows(store: LabelStore, start: int, stop: int, num_rows: np.ndarray, 
     done = status == STATUS_DONE
     rows = np.nonzero(done)[0] + lo
     if done.any():
-        idx, pr = index[done], prob[done]
-        bad = (idx < 0) | (idx >= lay.num_classes)
-        for r in rows[bad.any(axis=(1, 2))][:5]:
-            problems.append(f"row {r}: class index out of range [0, {lay.num_classes}) or missing (-1)")
-        for r in rows[(pr < 0).any(axis=(1, 2)) | ~np.isfinite(pr).all(axis=(1, 2))][:5]:
-            problems.append(f"row {r}: negative or non-finite probability")
-        for r in rows[(pr.sum(-1) > 1 + 1e-3).any(axis=1)][:5]:
-            problems.append(f"row {r}: probabilities of a crop sum above 1 + 1e-3")
+        if lay.topk:
+            problems += _verify_topk_rows(g["labels/index"][lo:hi][done],
+                                          g["labels/prob"][lo:hi][done].astype(np.float32), rows, lay.num_classes)
+        if lay.embed_dim:
+            scale = g["labels/embedding_scale"][lo:hi][done] if lay.embed_dtype == "int8" else None
+            problems += _verify_embedding_rows(g["labels/embedding"][lo:hi][done], scale, rows)
         for r in rows[(hard[done] < -1) | (hard[done] >= lay.num_classes)][:5]:
             problems.append(f"row {r}: hard label out of range")
     failed = status == STATUS_FAILED
@@ -202,7 +201,7 @@ def damaged_shards(path: str | Path, full: bool = True) -> dict[int, str]:
     num_rows, bad = _per_shard(store.group["shards/num_rows"], store.layout.num_shards, "shards/num_rows", problems)
     out = {s: problems[i] for i, s in enumerate(sorted(bad))}
     written = [s for s in range(store.layout.num_shards) if num_rows[s] >= 0]
-    for name in ("shards/read", *ROW_ARRAYS):
+    for name in ("shards/read", *row_arrays(store.layout)):
         if full:
             found, shards = array_problems(store.path / name, written)
             for s in sorted(shards):
@@ -224,12 +223,16 @@ def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
     integrity (each chunk's crc32c, files of written shards present), text embeddings, and row contents."""
     store = LabelStore.open(path, "r")
     problems: list[str] = []
-    for dotted in REQUIRED_ATTRS:
+    lay = store.layout
+    required = REQUIRED_ATTRS + (REQUIRED_TOPK_ATTRS if lay.topk else ()) + \
+        (REQUIRED_EMBEDDING_ATTRS if lay.embed_dim else ())
+    for dotted in required:
         try:
             get_attr(store.attrs, dotted)
         except KeyError:
             problems.append(f"attribute {dotted} is absent")
-    lay = store.layout
+    if lay.embed_dim and store.attrs.get("encoding", {}).get("embedding", {}).get("dim") != lay.embed_dim:
+        problems.append("encoding.embedding.dim differs from layout.embed_dim")
     try:
         if len(get_attr(store.attrs, "grid.boxes")) != lay.num_crops:
             problems.append("grid.boxes does not have layout.num_crops boxes")
@@ -240,7 +243,7 @@ def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
     g = store.group
     num_rows, bad = _per_shard(g["shards/num_rows"], lay.num_shards, "shards/num_rows", problems)
     written = [s for s in range(lay.num_shards) if num_rows[s] >= 0]
-    for name in ("shards/num_rows", "shards/read", *ROW_ARRAYS):
+    for name in ("shards/num_rows", "shards/read", *row_arrays(lay)):
         found, shards = array_problems(store.path / name, written if name != "shards/num_rows" else ())
         problems.extend(found)
         bad |= shards
@@ -259,7 +262,9 @@ def _verify_objects(store: LabelStore) -> list[str]:
     num_blocks = int(g["objects"].attrs["num_blocks"])
     block_rows, bad = _per_shard(g["objects/block_rows"], num_blocks, "objects/block_rows", problems)
     written = [b for b in range(num_blocks) if block_rows[b] >= 0]
-    for name in ("block_rows", "ann_id", "image_id", "box", "index", "prob", "status"):
+    labels = (("index", "prob") if lay.topk else ()) + \
+        ((("embedding", "embedding_scale") if lay.embed_dtype == "int8" else ("embedding",)) if lay.embed_dim else ())
+    for name in ("block_rows", "ann_id", "image_id", "box", *labels, "status"):
         found, blocks = array_problems(store.path / "objects" / name, written if name != "block_rows" else ())
         problems.extend(found)
         bad |= blocks
@@ -267,12 +272,18 @@ def _verify_objects(store: LabelStore) -> list[str]:
         return problems  # the content checks below read every block
     ostatus = g["objects/status"][:]
     odone = ostatus == STATUS_DONE
-    oidx = g["objects/index"][:][odone]
-    oprob = g["objects/prob"][:][odone].astype(np.float32)
-    if ((oidx < 0) | (oidx >= lay.num_classes)).any():
-        problems.append("objects: class index out of range or missing in done rows")
-    if (oprob < 0).any() or ~np.isfinite(oprob).all() or (oprob.sum(-1) > 1 + 1e-3).any():
-        problems.append("objects: negative or non-finite probabilities, or sums above 1 + 1e-3")
+    if lay.topk:
+        oidx = g["objects/index"][:][odone]
+        oprob = g["objects/prob"][:][odone].astype(np.float32)
+        if ((oidx < 0) | (oidx >= lay.num_classes)).any():
+            problems.append("objects: class index out of range or missing in done rows")
+        if (oprob < 0).any() or ~np.isfinite(oprob).all() or (oprob.sum(-1) > 1 + 1e-3).any():
+            problems.append("objects: negative or non-finite probabilities, or sums above 1 + 1e-3")
+    if lay.embed_dim:
+        oscale = g["objects/embedding_scale"][:][odone] if lay.embed_dtype == "int8" else None
+        if _verify_embedding_rows(g["objects/embedding"][:][odone][:, None],
+                                  None if oscale is None else oscale[:, None], np.nonzero(odone)[0]):
+            problems.append("objects: embeddings of done rows are not unit vectors (or their scales are bad)")
     if not np.isfinite(g["objects/box"][:][odone]).all():
         problems.append("objects: non-finite boxes in done rows")
     if (g["objects/ann_id"][:][odone] < 0).any():
@@ -301,6 +312,38 @@ def _verify_text(store: LabelStore) -> list[str]:
     return problems
 
 
+def _verify_topk_rows(idx: np.ndarray, pr: np.ndarray, rows: np.ndarray, num_classes: int) -> list[str]:
+    """Problems of done top-k rows: idx (n, K, k) int16, pr (n, K, k) float32, rows (n,) their row numbers."""
+    problems = []
+    bad = (idx < 0) | (idx >= num_classes)
+    for r in rows[bad.any(axis=(1, 2))][:5]:
+        problems.append(f"row {r}: class index out of range [0, {num_classes}) or missing (-1)")
+    for r in rows[(pr < 0).any(axis=(1, 2)) | ~np.isfinite(pr).all(axis=(1, 2))][:5]:
+        problems.append(f"row {r}: negative or non-finite probability")
+    for r in rows[(pr.sum(-1) > 1 + 1e-3).any(axis=1)][:5]:
+        problems.append(f"row {r}: probabilities of a crop sum above 1 + 1e-3")
+    return problems
+
+
+def _verify_embedding_rows(codes: np.ndarray, scale: np.ndarray | None, rows: np.ndarray) -> list[str]:
+    """Problems of done embedding rows: codes (n, K, D), scale (n, K) or None (float16), rows (n,).
+
+    Every stored crop embedding was unit-norm before quantisation, so its reconstruction must be within the
+    quantisation error of norm 1 (half a step per element: sqrt(D) * scale / 2), float16 within 1e-2."""
+    problems = []
+    if scale is not None:
+        s32 = scale.astype(np.float32)
+        for r in rows[(~np.isfinite(s32) | (s32 <= 0)).any(axis=1)][:5]:
+            problems.append(f"row {r}: embedding scale zero, negative or non-finite")
+        tol = np.sqrt(codes.shape[-1]) * np.nan_to_num(s32) / 2 + 1e-3
+    else:
+        tol = 1e-2
+    norm = np.linalg.norm(dequantise(codes, scale), axis=-1)
+    for r in rows[(~np.isfinite(norm) | (np.abs(norm - 1) > tol)).any(axis=1)][:5]:
+        problems.append(f"row {r}: a crop embedding is not a unit vector (norm off by more than its quantisation)")
+    return problems
+
+
 def store_stats(path: str | Path, top: int = 10, max_rows: int = 200_000) -> dict[str, Any]:
     """Bytes per image on disk, mean label entropy (nats, decoded with the store's residual policy)
     and residual mass, and the most frequent top-1 classes (whole-image crop)."""
@@ -319,6 +362,11 @@ def store_stats(path: str | Path, top: int = 10, max_rows: int = 200_000) -> dic
         return out
     sample = done_rows if len(done_rows) <= max_rows else np.sort(
         np.random.default_rng(0).choice(done_rows, max_rows, replace=False))
+    out["encoding"] = lay.encoding
+    if lay.embed_dim:
+        out.update(_embedding_stats(store, sample[:20_000], top))
+    if not lay.topk:
+        return out
     index = store.group["labels/index"].get_orthogonal_selection((sample, slice(None), slice(None)))
     prob = store.group["labels/prob"].get_orthogonal_selection((sample, slice(None), slice(None)))
     residual = store.attrs["encoding"]["residual"]
@@ -339,4 +387,31 @@ def store_stats(path: str | Path, top: int = 10, max_rows: int = 200_000) -> dic
         "top1_classes": [{"class": int(classes[i]), "name": names[int(classes[i])], "count": int(counts[i])}
                          for i in order],
     })
+    return out
+
+
+def _embedding_stats(store: LabelStore, sample: np.ndarray, top: int) -> dict[str, Any]:
+    """Embedding rows: norm of the reconstruction, quantisation step, and (decoded with the store's own
+    class text embeddings at its logit scale and temperature) entropy and top-1 classes of the whole image."""
+    lay = store.layout
+    sel = (sample, slice(None), slice(None))
+    codes = store.group["labels/embedding"].get_orthogonal_selection(sel)
+    scale = store.group["labels/embedding_scale"].get_orthogonal_selection(sel[:2]) \
+        if lay.embed_dtype == "int8" else None
+    emb = dequantise(codes, scale)
+    out: dict[str, Any] = {"embedding_dim": lay.embed_dim, "embedding_dtype": lay.embed_dtype,
+                           "mean_embedding_norm": float(np.linalg.norm(emb, axis=-1).mean())}
+    if scale is not None:
+        out["mean_quantisation_step"] = float(scale.astype(np.float32).mean())
+    if "text" in store.group and "embeddings" in store.group["text"]:
+        attrs = store.attrs["encoding"]["embedding"]
+        text = store.group["text/embeddings"][:].astype(np.float32)
+        # crop 0 is the whole image in every named grid
+        probs = decode_embeddings(emb[:, 0], text, attrs["logit_scale"], attrs["temperature"])
+        out["embedding_mean_entropy_nats"] = float(-(probs * np.log(np.maximum(probs, 1e-30))).sum(-1).mean())
+        top1 = probs.argmax(-1)
+        classes, counts = np.unique(top1, return_counts=True)
+        names = store.attrs["vocabulary"]["names"]
+        out["embedding_top1_classes"] = [{"class": int(classes[i]), "name": names[int(classes[i])],
+                                          "count": int(counts[i])} for i in np.argsort(-counts)[:top]]
     return out

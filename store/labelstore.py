@@ -32,6 +32,7 @@ from .schema import (
     StoreError,
     StoreExistsError,
     StoreLayout,
+    row_arrays,
 )
 
 # Labels: bit-shuffling packs int16 class ids (11 of 16 bits used) and descending float16 probabilities;
@@ -45,6 +46,12 @@ CHECKSUM = Crc32cCodec()
 # Written shards keep every inner chunk on disk, even one equal to the fill value: then an absent chunk
 # or shard file always means damage (a deleted file), never "all fill".
 WRITE_CONFIG = {"write_empty_chunks": True}
+# Embeddings: int8 codes of unit vectors are incompressible (measured 122,880 -> 122,896 B for 8 x 30 x 512
+# with lz4 / zstd, shuffled or not; float16 with bitshuffle saves 6% at 5x the decode time), so blosc only
+# frames them (a memcpy to decode) and keeps the codec chain the fast reader knows (blosc, then CHECKSUM).
+# One row per inner chunk: a random read fetches one image's (K, D) block, not eight.
+EMBED_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.noshuffle)
+EMBED_ROWS_PER_CHUNK = 1
 # Lock files live inside the per-shard bookkeeping arrays' folders: outside every listed group, so
 # zarr/xarray never see them as hierarchy members.
 SHARD_LOCK_DIR = "shards/num_rows/locks"
@@ -62,16 +69,19 @@ class ShardResult:
 
     keys (n,) str; sizes (n, 2) int (h, w); hard_labels (n,) int, -1 = none; status (n,) uint8
     (done/failed); reasons (n,) uint8 (0 for done rows); index (n, K, k) int16 and prob (n, K, k)
-    float16 (ignored for failed rows)."""
+    float16 (top-k encoding); embedding (n, K, D) int8 or float16 and embedding_scale (n, K) float16
+    (int8 only) for the embedding encoding (see :mod:`.embedding`). Labels of failed rows are ignored."""
 
     keys: list[str]
     sizes: np.ndarray
     hard_labels: np.ndarray
     status: np.ndarray
     reasons: np.ndarray
-    index: np.ndarray
-    prob: np.ndarray
+    index: np.ndarray | None = None
+    prob: np.ndarray | None = None
     read: dict[str, Any] | None = None  # what was read from the source shard (stored in shards/read)
+    embedding: np.ndarray | None = None
+    embedding_scale: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -80,14 +90,21 @@ class ShardResult:
 @dataclasses.dataclass
 class ObjectBlock:
     """Object-level labels for up to ``block_size`` annotations: ann_ids (n,) int64, image_ids (n,)
-    int64, boxes (n, 4) float32 xywh pixels, index (n, k) int16, prob (n, k) float16, status (n,) uint8."""
+    int64, boxes (n, 4) float32 xywh pixels, status (n,) uint8, and per encoding index (n, k) int16 and
+    prob (n, k) float16, or embedding (n, D) and embedding_scale (n,) (int8 only)."""
 
     ann_ids: np.ndarray
     image_ids: np.ndarray
     boxes: np.ndarray
-    index: np.ndarray
-    prob: np.ndarray
-    status: np.ndarray
+    index: np.ndarray | None = None
+    prob: np.ndarray | None = None
+    status: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint8))
+    embedding: np.ndarray | None = None
+    embedding_scale: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if np.shape(self.status) != np.shape(self.ann_ids):
+            raise StoreError(f"object block: status has shape {np.shape(self.status)}, ann_ids {np.shape(self.ann_ids)}")
 
     def __len__(self) -> int:
         return len(self.ann_ids)
@@ -110,7 +127,11 @@ def _open_group(path: Path, mode: str) -> zarr.Group:
                          "checked; recreate it (lt-distill precompute ... --overwrite)")
     if fmt.get("version") != FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {fmt.get('version')} is not supported (need {FORMAT_VERSION})")
-    missing = [name for name in REQUIRED_ARRAYS if not (path / name / "zarr.json").is_file()]
+    lay = StoreLayout(**group.attrs["layout"]) if isinstance(group.attrs.get("layout"), dict) else None
+    required = REQUIRED_ARRAYS if lay is None else \
+        tuple(n for n in REQUIRED_ARRAYS if not n.startswith("labels/")) + \
+        tuple(n for n in row_arrays(lay) if n.startswith("labels/"))
+    missing = [name for name in required if not (path / name / "zarr.json").is_file()]
     if missing:
         raise StoreError(f"{path} is an incomplete label store (array {missing[0]} is missing"
                          f"{f' with {len(missing) - 1} more' if len(missing) > 1 else ''}); it was not created "
@@ -212,6 +233,7 @@ class LabelStore:
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
         text_embeddings: tuple[np.ndarray, dict[str, Any]] | None = None,
+        embedding: dict[str, Any] | None = None,
     ) -> "LabelStore":
         """Create an empty store (with the teacher's ``text_embeddings``, (C, D) and their fingerprint,
         when given). An existing store is replaced only with ``overwrite=True``; a non-empty directory that
@@ -219,8 +241,15 @@ class LabelStore:
 
         Creation is atomic: the store is built in a hidden sibling directory and renamed into place, so a
         kill leaves either no store or a whole one, and of two concurrent creators one wins and the other
-        gets :class:`StoreExistsError` (then open the winner's store)."""
+        gets :class:`StoreExistsError` (then open the winner's store).
+
+        ``embedding`` (required when ``layout.embed_dim`` > 0) describes how to decode the embeddings:
+        ``logit_scale``, ``temperature`` (the teacher's), ``space`` and ``text_tower`` (the identity of
+        the text encoder whose class embeddings a reader must use: model and weights)."""
         path = Path(path)
+        if layout.embed_dim and not embedding:
+            raise StoreError("an embedding layout needs the embedding description (logit_scale, temperature, "
+                             "text_tower)")
         if residual not in RESIDUAL_POLICIES:
             raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
         boxes = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
@@ -239,7 +268,7 @@ class LabelStore:
         build = path.parent / f"{_BUILD_PREFIX.format(name=path.name)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             store = cls._build(build, layout, teacher=teacher, vocabulary=vocabulary, grid_spec=grid_spec, boxes=boxes,
-                               residual=residual, source=source, extra=extra)
+                               residual=residual, source=source, extra=extra, embedding=embedding)
             if text_embeddings is not None:
                 store.write_text_embeddings(*text_embeddings)
             _move_into_place(build, path, replace)
@@ -251,20 +280,14 @@ class LabelStore:
     @classmethod
     def _build(cls, path: Path, layout: StoreLayout, *, teacher: dict[str, Any], vocabulary: list[str],
                grid_spec: str, boxes: np.ndarray, residual: str, source: dict[str, Any] | None,
-               extra: dict[str, Any] | None) -> "LabelStore":
+               extra: dict[str, Any] | None, embedding: dict[str, Any] | None = None) -> "LabelStore":
         attrs = {
             "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
             "layout": dataclasses.asdict(layout),
             "teacher": teacher,
             "vocabulary": {"names": list(vocabulary), "sha256": vocabulary_sha256(list(vocabulary))},
             "grid": {"spec": grid_spec, "boxes": boxes.tolist()},
-            "encoding": {
-                "topk": layout.topk,
-                "index_dtype": "int16",
-                "prob_dtype": "float16",
-                "residual": residual,
-                "probabilities": "teacher probabilities of the k kept classes, descending, not renormalised",
-            },
+            "encoding": _encoding_attrs(layout, residual, embedding),
             "source": dict(source or {}),
             "lt_distill_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -285,10 +308,18 @@ class LabelStore:
         rows.create_array("status", shape=(n,), dtype="uint8", chunks=(cap,), shards=(cap,),
                           compressors=[ROW_COMPRESSOR, CHECKSUM], fill_value=STATUS_MISSING)
         labels = group.require_group("labels")
-        labels.create_array("index", shape=(n, kc, kk), dtype="int16", chunks=(rpc, kc, kk), shards=(cap, kc, kk),
-                            compressors=[LABEL_COMPRESSOR, CHECKSUM], fill_value=-1)
-        labels.create_array("prob", shape=(n, kc, kk), dtype="float16", chunks=(rpc, kc, kk), shards=(cap, kc, kk),
-                            compressors=[LABEL_COMPRESSOR, CHECKSUM], fill_value=0.0)
+        if kk:
+            labels.create_array("index", shape=(n, kc, kk), dtype="int16", chunks=(rpc, kc, kk),
+                                shards=(cap, kc, kk), compressors=[LABEL_COMPRESSOR, CHECKSUM], fill_value=-1)
+            labels.create_array("prob", shape=(n, kc, kk), dtype="float16", chunks=(rpc, kc, kk),
+                                shards=(cap, kc, kk), compressors=[LABEL_COMPRESSOR, CHECKSUM], fill_value=0.0)
+        if layout.embed_dim:
+            d, erpc = layout.embed_dim, EMBED_ROWS_PER_CHUNK
+            labels.create_array("embedding", shape=(n, kc, d), dtype=layout.embed_dtype, chunks=(erpc, kc, d),
+                                shards=(cap, kc, d), compressors=[EMBED_COMPRESSOR, CHECKSUM], fill_value=0)
+            if layout.embed_dtype == "int8":
+                labels.create_array("embedding_scale", shape=(n, kc), dtype="float16", chunks=(erpc, kc),
+                                    shards=(cap, kc), compressors=[EMBED_COMPRESSOR, CHECKSUM], fill_value=0.0)
         shards = group.require_group("shards")
         # One chunk per source shard: each writer touches only its own file.
         shards.create_array("num_rows", shape=(layout.num_shards,), dtype="int32", chunks=(1,), fill_value=-1,
@@ -371,8 +402,9 @@ class LabelStore:
             # Uncommit first, so a rewrite never leaves old "done" rows beside new labels.
             w("rows/status")[lo:hi] = np.zeros(lay.shard_capacity, np.uint8)
             w("shards/num_rows")[shard: shard + 1] = np.array([-1], np.int32)
-            w("labels/index")[lo:hi] = arrays["index"]
-            w("labels/prob")[lo:hi] = arrays["prob"]
+            for name in LABEL_ARRAYS:
+                if name in arrays:
+                    w(f"labels/{name}")[lo:hi] = arrays[name]
             w("rows/key")[lo:hi] = arrays["key"]
             w("rows/size")[lo:hi] = arrays["size"]
             w("rows/hard_label")[lo:hi] = arrays["hard_label"]
@@ -397,19 +429,16 @@ class LabelStore:
                              "create the store with a larger --shard-capacity")
         status = np.asarray(r.status, dtype=np.uint8).reshape(-1)
         shapes = {"sizes": (n, 2), "hard_labels": (n,), "status": (n,), "reasons": (n,),
-                  "index": (n, lay.num_crops, lay.topk), "prob": (n, lay.num_crops, lay.topk)}
+                  **_label_shapes(lay, (n, lay.num_crops))}
         for name, shape in shapes.items():
-            got = np.shape(getattr(r, name))
+            got = np.shape(getattr(r, name)) if getattr(r, name) is not None else None
             if got != shape:
-                raise StoreError(f"shard result: {name} has shape {got}, expected {shape}")
+                raise StoreError(f"shard result: {name} has shape {got}, expected {shape} "
+                                 f"(the store's encoding is {lay.encoding})")
         if not np.isin(status, (STATUS_DONE, STATUS_FAILED)).all():
             raise StoreError("shard result: every status must be done (1) or failed (2)")
-        index = np.asarray(r.index)
-        if index.dtype != np.int16 or np.asarray(r.prob).dtype != np.float16:
-            raise StoreError("shard result: index must be int16 and prob float16")
         done = status == STATUS_DONE
-        if done.any() and (index[done].min() < 0 or index[done].max() >= lay.num_classes):
-            raise StoreError(f"shard result: class index out of range [0, {lay.num_classes})")
+        labels = _validate_labels(lay, r, done, "shard result")
         hard = np.asarray(r.hard_labels, dtype=np.int32)
         if n and (hard.min() < -1 or hard.max() >= lay.num_classes):
             raise StoreError(f"shard result: hard label out of range [-1, {lay.num_classes})")
@@ -419,13 +448,10 @@ class LabelStore:
             out[:n] = values
             return out
 
-        index = np.where(done[:, None, None], index, -1).astype(np.int16)
-        prob = np.where(done[:, None, None], np.asarray(r.prob), 0).astype(np.float16)
         keys = np.full(cap, "", dtype=object)
         keys[:n] = list(r.keys)
         return {
-            "index": pad(index, -1, np.int16),
-            "prob": pad(prob, 0, np.float16),
+            **{name: pad(value, LABEL_FILL[name], value.dtype) for name, value in labels.items()},
             "key": keys.astype(str),
             "size": pad(np.asarray(r.sizes, np.int32).reshape(n, 2), 0, np.int32),
             "hard_label": pad(hard, -1, np.int32),
@@ -451,20 +477,24 @@ class LabelStore:
                     f"{self.path} already holds object labels for {attrs.get('num_objects')} annotations from "
                     f"{attrs.get('source')!r}; pass --overwrite to replace them")
             del self.group["objects"]
-        k = self.layout.topk
+        lay = self.layout
         num_blocks = -(-num_objects // block_size)
         m = num_blocks * block_size
         obj = self.group.create_group("objects", attributes={
             "num_objects": num_objects, "block_size": block_size, "num_blocks": num_blocks, "source": source,
             "box_format": "xywh, pixels of the original image (LVIS/COCO)"})
-        for name, shape, dtype, fill, comp in (
-            ("ann_id", (m,), "int64", -1, ROW_COMPRESSOR),
-            ("image_id", (m,), "int64", -1, ROW_COMPRESSOR),
-            ("box", (m, 4), "float32", 0.0, ROW_COMPRESSOR),
-            ("index", (m, k), "int16", -1, LABEL_COMPRESSOR),
-            ("prob", (m, k), "float16", 0.0, LABEL_COMPRESSOR),
-            ("status", (m,), "uint8", STATUS_MISSING, ROW_COMPRESSOR),
-        ):
+        arrays = [("ann_id", (m,), "int64", -1, ROW_COMPRESSOR),
+                  ("image_id", (m,), "int64", -1, ROW_COMPRESSOR),
+                  ("box", (m, 4), "float32", 0.0, ROW_COMPRESSOR)]
+        if lay.topk:
+            arrays += [("index", (m, lay.topk), "int16", -1, LABEL_COMPRESSOR),
+                       ("prob", (m, lay.topk), "float16", 0.0, LABEL_COMPRESSOR)]
+        if lay.embed_dim:
+            arrays.append(("embedding", (m, lay.embed_dim), lay.embed_dtype, 0, EMBED_COMPRESSOR))
+            if lay.embed_dtype == "int8":
+                arrays.append(("embedding_scale", (m,), "float16", 0.0, EMBED_COMPRESSOR))
+        arrays.append(("status", (m,), "uint8", STATUS_MISSING, ROW_COMPRESSOR))
+        for name, shape, dtype, fill, comp in arrays:
             obj.create_array(name, shape=shape, dtype=dtype, chunks=(block_size, *shape[1:]),
                              shards=(block_size, *shape[1:]), compressors=[comp, CHECKSUM], fill_value=fill)
         obj.create_array("block_rows", shape=(num_blocks,), dtype="int32", chunks=(1,), fill_value=-1,
@@ -478,11 +508,16 @@ class LabelStore:
         status = obj["status"][:].reshape(-1, bs)
         done = (rows >= 0) & ((status != STATUS_MISSING).sum(1) == np.maximum(rows, 0))
         # A written block with a file missing (deleted) is not done: a rerun recomputes it.
-        for name in ("ann_id", "image_id", "box", "index", "prob"):
+        for name in ("ann_id", "image_id", "box", *self._object_label_arrays()):
             files = ArrayFiles(self.path / "objects" / name)
             for block in np.nonzero(done)[0]:
                 done[block] = files.file(int(block)).is_file()
         return done
+
+    def _object_label_arrays(self) -> tuple[str, ...]:
+        lay = self.layout
+        return (("index", "prob") if lay.topk else ()) + \
+            ((("embedding", "embedding_scale") if lay.embed_dtype == "int8" else ("embedding",)) if lay.embed_dim else ())
 
     def write_objects_block(self, block: int, data: ObjectBlock) -> None:
         """Write one block of object labels (whole Zarr shards, labels first, status last)."""
@@ -496,12 +531,21 @@ class LabelStore:
         n = len(data)
         if n > bs:
             raise StoreError(f"object block has {n} rows, block size is {bs}")
-        k = self.layout.topk
+        lay = self.layout
         status = np.asarray(data.status, np.uint8)
-        if np.shape(data.index) != (n, k) or np.shape(data.prob) != (n, k) or np.shape(data.boxes) != (n, 4):
-            raise StoreError(f"object block: index/prob must be ({n}, {k}) and boxes ({n}, 4)")
-        _check_object_rows(status, np.asarray(data.index), np.asarray(data.prob, np.float32),
-                           np.asarray(data.boxes, np.float64), self.layout.num_classes)
+        if np.shape(data.boxes) != (n, 4):
+            raise StoreError(f"object block: boxes must be ({n}, 4)")
+        for name, shape in _label_shapes(lay, (n,)).items():
+            got = np.shape(getattr(data, name)) if getattr(data, name) is not None else None
+            if got != shape:
+                raise StoreError(f"object block: {name} has shape {got}, expected {shape} "
+                                 f"(the store's encoding is {lay.encoding})")
+        if lay.topk:
+            _check_object_rows(status, np.asarray(data.index), np.asarray(data.prob, np.float32),
+                               np.asarray(data.boxes, np.float64), lay.num_classes)
+        elif not np.isin(status, (STATUS_DONE, STATUS_FAILED)).all():
+            raise StoreError("object block: every status must be done (1) or failed (2)")
+        labels = _validate_labels(lay, data, status == STATUS_DONE, "object block")
 
         def pad(values, fill, dtype, tail=()):
             out = np.full((bs, *tail), fill, dtype=dtype)
@@ -512,11 +556,11 @@ class LabelStore:
         lock = ShardLock(self.path / OBJECT_LOCK_DIR / f"block-{block:06d}.lock", f"object block {block} of {self.path}")
         with lock:
             obj = {name: self._w(f"objects/{name}") for name in
-                   ("status", "block_rows", "index", "prob", "box", "image_id", "ann_id")}
+                   ("status", "block_rows", *labels, "box", "image_id", "ann_id")}
             obj["status"][lo:hi] = np.zeros(bs, np.uint8)
             obj["block_rows"][block: block + 1] = np.array([-1], np.int32)
-            obj["index"][lo:hi] = pad(np.asarray(data.index, np.int16), -1, np.int16, (k,))
-            obj["prob"][lo:hi] = pad(np.asarray(data.prob, np.float16), 0, np.float16, (k,))
+            for name, value in labels.items():
+                obj[name][lo:hi] = pad(value, LABEL_FILL[name], value.dtype, value.shape[1:])
             obj["box"][lo:hi] = pad(np.asarray(data.boxes, np.float32), 0, np.float32, (4,))
             obj["image_id"][lo:hi] = pad(np.asarray(data.image_ids, np.int64), -1, np.int64)
             obj["ann_id"][lo:hi] = pad(np.asarray(data.ann_ids, np.int64), -1, np.int64)
@@ -565,3 +609,78 @@ class LabelStore:
         if fingerprint_sha256 is not None and have != fingerprint_sha256:
             return f"text embeddings have fingerprint {have}, expected {fingerprint_sha256}"
         return None
+
+
+# ---------------------------------------------------------------------------------------------------- encodings
+LABEL_ARRAYS = ("index", "prob", "embedding", "embedding_scale")
+LABEL_FILL = {"index": -1, "prob": 0, "embedding": 0, "embedding_scale": 0}
+
+
+def _encoding_attrs(layout: StoreLayout, residual: str, embedding: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``encoding`` attribute group: kind, then each present encoding's parameters."""
+    attrs: dict[str, Any] = {"kind": layout.encoding, "topk": layout.topk}
+    if layout.topk:
+        attrs.update({"index_dtype": "int16", "prob_dtype": "float16", "residual": residual,
+                      "probabilities": "teacher probabilities of the k kept classes, descending, not renormalised"})
+    if layout.embed_dim:
+        emb = dict(embedding or {})
+        for name in ("logit_scale", "temperature", "text_tower"):
+            if name not in emb:
+                raise StoreError(f"embedding description lacks {name!r}")
+        attrs["embedding"] = {
+            "dim": layout.embed_dim,
+            "dtype": layout.embed_dtype,
+            "quantisation": "per-row symmetric: codes = round(e / scale), scale = max|e| / 127 (float16)"
+            if layout.embed_dtype == "int8" else "none (float16 values)",
+            "scale_dtype": "float16" if layout.embed_dtype == "int8" else None,
+            "normalised": "L2, before quantisation",
+            "space": emb.get("space", "joint image-text"),
+            "decode": "softmax(logit_scale * e @ text.T / temperature)",
+            **emb,
+        }
+    return attrs
+
+
+def _label_shapes(lay: StoreLayout, lead: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Expected shapes of the label fields a result must carry for the store's encoding."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if lay.topk:
+        shapes.update(index=(*lead, lay.topk), prob=(*lead, lay.topk))
+    if lay.embed_dim:
+        shapes["embedding"] = (*lead, lay.embed_dim)
+        if lay.embed_dtype == "int8":
+            shapes["embedding_scale"] = lead
+    return shapes
+
+
+def _validate_labels(lay: StoreLayout, r: Any, done: np.ndarray, what: str) -> dict[str, np.ndarray]:
+    """Check dtypes and ranges of a result's label fields; failed rows are blanked to the fill values."""
+    out: dict[str, np.ndarray] = {}
+    expand = (slice(None),) + (None,) * 2
+
+    def blank(value: np.ndarray, fill) -> np.ndarray:
+        mask = done[expand[: value.ndim]] if value.ndim > 1 else done
+        return np.where(mask, value, fill).astype(value.dtype)
+
+    if lay.topk:
+        index, prob = np.asarray(r.index), np.asarray(r.prob)
+        if index.dtype != np.int16 or prob.dtype != np.float16:
+            raise StoreError(f"{what}: index must be int16 and prob float16")
+        if done.any() and (index[done].min() < 0 or index[done].max() >= lay.num_classes):
+            raise StoreError(f"{what}: class index out of range [0, {lay.num_classes})")
+        out["index"], out["prob"] = blank(index, -1), blank(prob, 0)
+    if lay.embed_dim:
+        emb = np.asarray(r.embedding)
+        if emb.dtype != np.dtype(lay.embed_dtype):
+            raise StoreError(f"{what}: embedding must be {lay.embed_dtype}, got {emb.dtype}")
+        if done.any() and emb.dtype == np.float16 and not np.isfinite(emb[done]).all():
+            raise StoreError(f"{what}: non-finite embedding in a done row")
+        out["embedding"] = blank(emb, 0)
+        if lay.embed_dtype == "int8":
+            scale = np.asarray(r.embedding_scale)
+            if scale.dtype != np.float16:
+                raise StoreError(f"{what}: embedding_scale must be float16")
+            if done.any() and not (np.isfinite(scale[done]).all() and (scale[done] >= 0).all()):
+                raise StoreError(f"{what}: embedding scales must be finite and >= 0")
+            out["embedding_scale"] = blank(scale, 0)
+    return out

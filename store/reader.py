@@ -23,8 +23,9 @@ from numcodecs import blosc
 
 from .integrity import ArrayFiles
 from .labelstore import LabelStore
-from .schema import ROW_ARRAYS, STATUS_DONE, StoreError
-from .topk import decode_topk
+from .embedding import decode_embeddings, dequantise
+from .schema import STATUS_DONE, StoreError, row_arrays
+from .topk import decode_topk, encode_topk
 
 _EMPTY = np.iinfo(np.uint64).max
 
@@ -60,7 +61,7 @@ class ShardedChunkReader:
         conf = codecs[0]["configuration"]
         names = [c["name"] for c in conf["codecs"]]
         index_names = [c["name"] for c in conf["index_codecs"]]
-        if names != ["bytes", "blosc", "crc32c"] or conf["codecs"][0]["configuration"].get("endian", "little") != "little" \
+        if names != ["bytes", "blosc", "crc32c"] or conf["codecs"][0].get("configuration", {}).get("endian", "little") != "little" \
                 or index_names != ["bytes", "crc32c"] or conf.get("index_location", "end") != "end":
             raise StoreError(f"{array_dir}: unsupported codec chain {names} / index {index_names}")
         self.dir = array_dir
@@ -184,8 +185,10 @@ class LabelReader:
     """Read-only access to a label store for training and analysis.
 
     ``labels(shard, position)`` returns one image's (K, k) int16 indices and float16 probabilities;
-    ``labels_batch`` the same for many; ``locate(key)`` maps a sample key to (shard, position);
-    ``objects(ann_ids)`` returns object-level labels. Safe to pickle into DataLoader workers."""
+    ``labels_batch`` the same for many; ``embeddings(shard, position)`` one image's (K, D) embedding codes
+    and (K,) scales (embedding encoding); ``locate(key)`` maps a sample key to (shard, position);
+    ``objects(ann_ids)`` / ``object_embeddings(ann_ids)`` return object-level labels. Safe to pickle
+    into DataLoader workers."""
 
     def __init__(self, path: str | Path, cache_bytes: int = 256 << 20, cache_shards: int = 256) -> None:
         self.path = Path(path)
@@ -201,15 +204,21 @@ class LabelReader:
         if self._pid == os.getpid():
             return
         lay = self.layout
-        chunk_bytes = lay.rows_per_chunk * lay.num_crops * lay.topk * 2
-        cache_chunks = max(0, self.cache_bytes // (2 * chunk_bytes))
         self._store = LabelStore.open(self.path, "r")
-        self._index = ShardedChunkReader(self.path / "labels" / "index", cache_chunks)
-        self._prob = ShardedChunkReader(self.path / "labels" / "prob", cache_chunks)
+        # The cache budget is split evenly between the label arrays present.
+        names = (["index", "prob"] if lay.topk else []) + \
+            (["embedding"] + (["embedding_scale"] if lay.embed_dtype == "int8" else []) if lay.embed_dim else [])
+        budget = self.cache_bytes // len(names)
+        self._arrays: dict[str, ShardedChunkReader] = {}
+        for name in names:
+            arr = ShardedChunkReader(self.path / "labels" / name, 0)
+            chunk_bytes = int(np.prod(arr.chunk_shape)) * arr.dtype.itemsize
+            arr._chunks.capacity = max(0, budget // chunk_bytes)
+            self._arrays[name] = arr
         self._rows = _LRU(self.cache_shards)
         # Opening a zarr array parses its metadata: do it once, not per shard.
         self._row_arrays = {name: self._store.group[f"rows/{name}"] for name in ShardRows.FIELDS.values()}
-        self._row_files = {name: ArrayFiles(self.path / name) for name in ROW_ARRAYS}
+        self._row_files = {name: ArrayFiles(self.path / name) for name in row_arrays(lay)}
         try:
             self._num_rows = self._store.shard_num_rows()
         except ValueError as exc:  # zarr's crc32c mismatch
@@ -247,10 +256,47 @@ class LabelReader:
         self._ensure_open()
         if not (0 <= shard < self.layout.num_shards and 0 <= position < self.layout.shard_capacity):
             raise StoreError(f"row ({shard}, {position}) is outside the store")
+        if not self.layout.topk:
+            raise StoreError(f"{self.path} holds embeddings only (encoding {self.layout.encoding}); "
+                             "read them with embeddings()")
         valid = bool(self.shard_rows(shard).status[position] == STATUS_DONE)
         chunk, r = divmod(position, self.layout.rows_per_chunk)
-        return (self._index.read_chunk(shard, chunk, required=valid)[r],
-                self._prob.read_chunk(shard, chunk, required=valid)[r], valid)
+        return (self._arrays["index"].read_chunk(shard, chunk, required=valid)[r],
+                self._arrays["prob"].read_chunk(shard, chunk, required=valid)[r], valid)
+
+    def embeddings(self, shard: int, position: int) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """(codes (K, D) int8 or float16, scale (K,) float16 or None for float16 codes, valid): one image's
+        crop embeddings as stored (:func:`..store.embedding.dequantise` turns them into floats)."""
+        self._ensure_open()
+        if not (0 <= shard < self.layout.num_shards and 0 <= position < self.layout.shard_capacity):
+            raise StoreError(f"row ({shard}, {position}) is outside the store")
+        if not self.layout.embed_dim:
+            raise StoreError(f"{self.path} holds no embeddings (encoding {self.layout.encoding}); "
+                             "precompute with --encoding embedding or both")
+        valid = bool(self.shard_rows(shard).status[position] == STATUS_DONE)
+        emb = self._arrays["embedding"]
+        chunk, r = divmod(position, emb.chunk_shape[0])
+        codes = emb.read_chunk(shard, chunk, required=valid)[r]
+        scale_arr = self._arrays.get("embedding_scale")
+        scale = None
+        if scale_arr is not None:
+            chunk, r = divmod(position, scale_arr.chunk_shape[0])
+            scale = scale_arr.read_chunk(shard, chunk, required=valid)[r]
+        return codes, scale, valid
+
+    def embeddings_batch(self, shards, positions) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Batched :meth:`embeddings`: (B, K, D), (B, K) float16 or None, (B,) bool."""
+        lay = self.layout
+        n = len(shards)
+        codes = np.empty((n, lay.num_crops, lay.embed_dim), lay.embed_dtype)
+        scale = np.empty((n, lay.num_crops), np.float16) if lay.embed_dtype == "int8" else None
+        valid = np.empty(n, bool)
+        for i, (s, p) in enumerate(zip(shards, positions)):
+            c, sc, valid[i] = self.embeddings(int(s), int(p))
+            codes[i] = c
+            if scale is not None:
+                scale[i] = sc
+        return codes, scale, valid
 
     def labels_batch(self, shards, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batched :meth:`labels`: (B, K, k) int16, (B, K, k) float16, (B,) bool."""
@@ -289,6 +335,25 @@ class LabelReader:
                              f"(shard, position) {rows[:4]}")
         return divmod(row, self.layout.shard_capacity)
 
+    def top_labels(self, shard: int, position: int, k: int = 16) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Like :meth:`labels` for any encoding (for looking at a store, not for training): an embedding-only
+        store's rows are decoded with its own class text embeddings at its teacher's logit scale and
+        temperature, and their top ``k`` kept."""
+        if self.layout.topk:
+            return self.labels(shard, position)
+        codes, scale, valid = self.embeddings(shard, position)
+        attrs = self.embedding_attrs()
+        text = np.asarray(self.text_embeddings(), dtype=np.float32)
+        probs = decode_embeddings(dequantise(codes, scale), text, attrs["logit_scale"], attrs["temperature"])
+        index, prob = encode_topk(probs, min(k, probs.shape[-1]))
+        return index, prob, valid
+
+    def embedding_attrs(self) -> dict[str, Any]:
+        """The store's ``encoding.embedding`` attributes (dim, dtype, logit_scale, temperature, text_tower)."""
+        if not self.layout.embed_dim:
+            raise StoreError(f"{self.path} holds no embeddings (encoding {self.layout.encoding})")
+        return dict(self.attrs["encoding"]["embedding"])
+
     def decode(self, index: np.ndarray, prob: np.ndarray) -> np.ndarray:
         """Full distributions (..., C) with the store's residual policy."""
         return decode_topk(index, prob, self.layout.num_classes, self.attrs["encoding"]["residual"])
@@ -300,6 +365,22 @@ class LabelReader:
 
     def objects(self, ann_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Object labels for annotation ids: (n, k) int16, (n, k) float16, (n,) bool valid."""
+        if not self.layout.topk:
+            raise StoreError(f"{self.path} holds embeddings only; read objects with object_embeddings()")
+        index, prob, valid = self._object_rows(ann_ids, ("index", "prob"))
+        return index, prob, valid
+
+    def object_embeddings(self, ann_ids) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Object embeddings for annotation ids: codes (n, D), scale (n,) float16 (None for float16 codes),
+        (n,) bool valid."""
+        if not self.layout.embed_dim:
+            raise StoreError(f"{self.path} holds no embeddings (encoding {self.layout.encoding})")
+        names = ("embedding", "embedding_scale") if self.layout.embed_dtype == "int8" else ("embedding",)
+        *values, valid = self._object_rows(ann_ids, names)
+        return values[0], values[1] if len(values) > 1 else None, valid
+
+    def _object_rows(self, ann_ids, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        """Rows of the object arrays ``names`` for annotation ids (fill values where absent) and valid."""
         self._ensure_open()
         if self._objects is None:
             if "objects" not in self._store.group:
@@ -310,12 +391,14 @@ class LabelReader:
                 keep = status == STATUS_DONE
                 ids = obj["ann_id"][:][keep]
                 order = np.argsort(ids, kind="stable")
-                self._objects = {"ids": ids[order], "index": obj["index"][:][keep][order],
-                                 "prob": obj["prob"][:][keep][order]}
+                self._objects = {"ids": ids[order]}
+                for name in ("index", "prob", "embedding", "embedding_scale"):
+                    if name in obj:
+                        self._objects[name] = obj[name][:][keep][order]
             except ValueError as exc:  # zarr's crc32c mismatch
                 raise StoreError(f"{self.path}: object labels are damaged ({str(exc).splitlines()[0]}); run "
                                  "`lt-distill store verify`") from exc
-            if (self._objects["index"] < 0).any() or (self._objects["ids"] < 0).any():
+            if ("index" in self._objects and (self._objects["index"] < 0).any()) or (self._objects["ids"] < 0).any():
                 # Done rows are written full (write_objects_block refuses less): a -1 means a deleted file.
                 raise StoreError(f"{self.path}: object labels marked done are missing (a deleted file?); run "
                                  "`lt-distill store verify` and rerun precompute --annotations")
@@ -324,13 +407,14 @@ class LabelReader:
         pos = np.searchsorted(o["ids"], ann_ids)
         pos_c = np.minimum(pos, max(len(o["ids"]) - 1, 0))
         valid = (len(o["ids"]) > 0) & (o["ids"][pos_c] == ann_ids) if len(o["ids"]) else np.zeros(len(ann_ids), bool)
-        k = self.layout.topk
-        index = np.full((len(ann_ids), k), -1, np.int16)
-        prob = np.zeros((len(ann_ids), k), np.float16)
-        if valid.any():
-            index[valid] = o["index"][pos_c[valid]]
-            prob[valid] = o["prob"][pos_c[valid]]
-        return index, prob, valid
+        out = []
+        for name in names:
+            src = o[name]
+            values = np.full((len(ann_ids), *src.shape[1:]), -1 if name == "index" else 0, src.dtype)
+            if valid.any():
+                values[valid] = src[pos_c[valid]]
+            out.append(values)
+        return (*out, valid)
 
     def text_embeddings(self) -> np.ndarray:
         """(C, D) float16 class text embeddings the teacher used."""

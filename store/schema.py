@@ -10,6 +10,8 @@ A store is one Zarr v3 group::
     rows/status    (N,)        uint8    0 missing, 1 done, 2 failed      <- written last
     labels/index   (N, K, k)   int16    top-k class indices per grid crop (-1 = empty)
     labels/prob    (N, K, k)   float16  their probabilities, descending  <- written first
+    labels/embedding       (N, K, D) int8|float16  embedding encoding: the crops' teacher image embeddings
+    labels/embedding_scale (N, K)    float16       int8 only: one scale per crop
     shards/num_rows(S,)        int32    rows used by each source shard (-1 = never written)
     shards/read    (S,)        string   JSON record of what was read from each source shard
     objects/...                         object-level labels, addressed by annotation id
@@ -62,6 +64,14 @@ REQUIRED_ARRAYS = ("rows/key", "rows/size", "rows/hard_label", "rows/reason", "r
 # Arrays with one row per image: a written source shard has one complete Zarr shard in each.
 ROW_ARRAYS = ("rows/key", "rows/size", "rows/hard_label", "rows/reason", "rows/status", "labels/index", "labels/prob")
 
+
+def row_arrays(layout: "StoreLayout") -> tuple[str, ...]:
+    """The per-row arrays of a store with this layout: the row metadata and each present encoding's labels."""
+    names = ROW_ARRAYS if layout.topk else tuple(n for n in ROW_ARRAYS if not n.startswith("labels/"))
+    if layout.embed_dim:
+        names += ("labels/embedding",) + (("labels/embedding_scale",) if layout.embed_dtype == "int8" else ())
+    return names
+
 # Attributes every store must carry (dotted paths into the attribute tree).
 REQUIRED_ATTRS = (
     "format.name",
@@ -76,12 +86,13 @@ REQUIRED_ATTRS = (
     "vocabulary.sha256",
     "grid.spec",
     "grid.boxes",
-    "encoding.index_dtype",
-    "encoding.prob_dtype",
-    "encoding.residual",
     "source",
     "lt_distill_version",
 )
+# ... and those of each encoding (a store without ``encoding.kind`` predates the embedding encoding: top-k).
+REQUIRED_TOPK_ATTRS = ("encoding.index_dtype", "encoding.prob_dtype", "encoding.residual")
+REQUIRED_EMBEDDING_ATTRS = ("encoding.embedding.dim", "encoding.embedding.dtype", "encoding.embedding.logit_scale",
+                            "encoding.embedding.temperature", "encoding.embedding.text_tower")
 
 
 class StoreError(LtDistillError):
@@ -102,7 +113,9 @@ class ShardLockedError(StoreError):
 
 @dataclasses.dataclass(frozen=True)
 class StoreLayout:
-    """Array shapes of a store. ``rows_per_chunk`` rows share one compressed inner chunk."""
+    """Array shapes of a store. ``rows_per_chunk`` rows share one compressed inner chunk of the top-k
+    arrays. ``topk`` 0: no top-k arrays; ``embed_dim`` > 0: embedding arrays of that width (``embed_dtype``
+    int8 with a float16 scale per crop, or float16). At least one of the two encodings is present."""
 
     num_shards: int
     shard_capacity: int
@@ -110,11 +123,18 @@ class StoreLayout:
     topk: int
     num_classes: int
     rows_per_chunk: int = 0  # 0: pick the largest divisor of shard_capacity that is <= 8
+    embed_dim: int = 0
+    embed_dtype: str = "int8"
 
     def __post_init__(self) -> None:
-        for name in ("num_shards", "shard_capacity", "num_crops", "topk", "num_classes"):
+        for name in ("num_shards", "shard_capacity", "num_crops", "num_classes"):
             if getattr(self, name) < 1:
                 raise StoreError(f"store layout: {name} must be >= 1, got {getattr(self, name)}")
+        if self.topk < 0 or self.embed_dim < 0 or (self.topk == 0 and self.embed_dim == 0):
+            raise StoreError(f"store layout: topk ({self.topk}) or embed_dim ({self.embed_dim}) must be >= 1, "
+                             "neither negative")
+        if self.embed_dtype not in ("int8", "float16"):
+            raise StoreError(f"store layout: embed_dtype must be int8 or float16, got {self.embed_dtype!r}")
         if self.topk > self.num_classes:
             raise StoreError(f"store layout: topk {self.topk} exceeds num_classes {self.num_classes}")
         if self.num_classes > 32767:
@@ -126,6 +146,13 @@ class StoreLayout:
             raise StoreError(
                 f"store layout: rows_per_chunk {self.rows_per_chunk} must divide shard_capacity {self.shard_capacity}"
             )
+
+    @property
+    def encoding(self) -> str:
+        """``topk``, ``embedding`` or ``both``."""
+        if self.topk and self.embed_dim:
+            return "both"
+        return "topk" if self.topk else "embedding"
 
     @property
     def num_rows(self) -> int:

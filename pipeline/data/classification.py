@@ -37,6 +37,7 @@ from ...store import LabelReader
 from ..shards import IMAGE_EXTS, iter_tar_samples
 from ..images import ImageDecodeError, as_chw_uint8, decode_image
 from . import transforms as T
+from .embedding import CropEmbeddings
 from .labels import CropSoftLabels
 from .mosaic import RandomMosaic
 
@@ -79,11 +80,20 @@ def decode_sample_image(fields: dict[str, bytes]) -> torch.Tensor | None:
 
 
 class StoreRows:
-    """Maps (shard, counted position, key) to the store row, and gives its hard label."""
+    """Maps (shard, counted position, key) to the store row, and gives its hard label. ``class_map``
+    (store class -> run class, -1 = none) translates hard labels when the run's vocabulary is not the
+    store's (embedding stores)."""
 
-    def __init__(self, reader: LabelReader) -> None:
+    def __init__(self, reader: LabelReader, class_map: np.ndarray | None = None) -> None:
         self.reader = reader
+        self.class_map = class_map
         self._keys: dict[int, dict[str, int]] = {}
+
+    def hard_label(self, shard: int, position: int) -> int:
+        label = self.reader.hard_label(shard, position)
+        if self.class_map is None or label < 0:
+            return label
+        return int(self.class_map[label])
 
     def locate(self, shard: int, position: int, key: str) -> int | None:
         """Position of ``key`` in ``shard`` of the store, or None when the store lacks it."""
@@ -131,7 +141,7 @@ class ClassificationDataset(IterableDataset):
 
     def __init__(self, urls: Sequence[str], *, num_classes: int, tile_transforms: Callable,
                  mosaic: RandomMosaic | None, mosaic_prob: float = 1.0, single_transforms: Callable | None = None,
-                 labels: CropSoftLabels | None = None, rows: StoreRows | None = None,
+                 labels: CropSoftLabels | CropEmbeddings | None = None, rows: StoreRows | None = None,
                  hard_labeler: HardLabelFn | None = None,
                  pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225),
                  shuffle_buffer: int = 1000, seed: int = 0, repeat: bool = True,
@@ -174,7 +184,7 @@ class ClassificationDataset(IterableDataset):
             return {"skipped": "undecodable"}
         row = self.rows.locate(shard, position, raw.key) if self.rows is not None else position
         if self.rows is not None:
-            label = self.rows.reader.hard_label(shard, row) if row is not None else -1
+            label = self.rows.hard_label(shard, row) if row is not None else -1
         else:
             label = self.hard_labeler(raw.fields)[0] if self.hard_labeler is not None else -1
         return {"image": image, "key": raw.key, "shard": shard, "position": -1 if row is None else row,
@@ -219,7 +229,7 @@ class ClassificationDataset(IterableDataset):
             if info["position"] < 0:
                 continue
             rows[i] = (info["shard"], info["position"])
-            if self.labels is not None:
+            if isinstance(self.labels, CropSoftLabels):
                 s, m = self.labels(info["shard"], info["position"], target["regions"][i:i + 1])
                 soft[i], mask[i] = s[0], m[0]
         image, target = T.normalize(image, target, self.pixel_mean, self.pixel_std)
@@ -230,6 +240,9 @@ class ClassificationDataset(IterableDataset):
             "rows": torch.from_numpy(rows), "orig_size": target["orig_size"].long(), "size": target["size"].long(),
             "image_id": image_id,
         }
+        if isinstance(self.labels, CropEmbeddings):  # decoded on the training device (pipeline.data.embedding)
+            del out["soft_labels"]
+            out.update(self.labels.tiles(rows, target["regions"]))
         return image, out
 
     # ------------------------------------------------------------------ iteration

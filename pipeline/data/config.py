@@ -103,6 +103,10 @@ class DataConfig:
     cls_shards: str = ""
     label_store: str = ""
     soft_labels: Literal["cached", "online"] = "cached"
+    # Cached mode: which encoding of the store to read ("auto": embeddings when the store has them), and the
+    # temperature embeddings are decoded at (0: the store teacher's; a top-k store's temperature is fixed).
+    soft_encoding: Literal["auto", "topk", "embedding"] = "auto"
+    soft_temperature: float = 0.0
     grid: str = "default"  # crop grid the store must have been filled with (exact crops are cut from it)
     # Classification images whose hard label is -1 (their class has no vocabulary class, pseudo label
     # below threshold, or not in the store): "skip" drops them before the mosaic, counted as skipped
@@ -123,6 +127,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
+        if self.soft_temperature < 0:
+            raise ValueError(f"soft_temperature must be >= 0 (0: the store's), got {self.soft_temperature}")
         if not 0.0 <= self.rfs_threshold < 1.0:
             raise ValueError("rfs_threshold must be in [0, 1)")
 

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ...errors import LtDistillError
 from . import transforms as T
+from .embedding import ObjectEmbeddings
 from .labels import ObjectSoftLabels
 
 log = logging.getLogger("lt_distill.data")
@@ -156,7 +157,7 @@ class DetectionDataset(Dataset):
     ``skipped`` (reason -> count of images replaced on the way)."""
 
     def __init__(self, records: list[ImageRecord], image_root: str | Path, categories: list[dict[str, Any]],
-                 transforms=None, objects: ObjectSoftLabels | None = None,
+                 transforms=None, objects: ObjectSoftLabels | ObjectEmbeddings | None = None,
                  pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225),
                  skipped: dict[str, int] | None = None) -> None:
         if not records:
@@ -225,7 +226,9 @@ class DetectionDataset(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         image, target = T.normalize(image, target, self.pixel_mean, self.pixel_std)
-        if self.objects is not None:
+        if isinstance(self.objects, ObjectEmbeddings):  # decoded on the training device
+            target.update(self.objects.fields(target["ann_ids"].numpy()))
+        elif self.objects is not None:
             soft, mask = self.objects(target["ann_ids"].numpy())
             target["soft_labels"], target["soft_mask"] = torch.from_numpy(soft), torch.from_numpy(mask)
         else:

@@ -17,6 +17,7 @@ from .classification import ClassificationDataset, HardLabelFn, StoreRows
 from .collate import Collate
 from .config import DataConfig
 from .detection import DetectionDataset, load_detection_annotations
+from .embedding import CropEmbeddings
 from .labels import CropSoftLabels, ObjectSoftLabels, check_label_store
 from .mosaic import RandomMosaic
 from .sampler import RepeatFactorSampler, dist_info, repeat_factors
@@ -52,17 +53,20 @@ def build_classification_dataset(cfg: DataConfig, reader: LabelReader | None = N
                                  num_classes: int | None = None,
                                  hard_labeler: HardLabelFn | None = None,
                                  repeat: bool = True, num_replicas: int | None = None,
-                                 rank: int | None = None) -> ClassificationDataset:
+                                 rank: int | None = None, class_map=None) -> ClassificationDataset:
     """Mosaics of WebDataset classification images. With ``reader`` the store gives hard labels and,
     in cached mode, soft labels matched to each tile (``cfg.cls_aug.crop_match``); without it (online
     mode) ``hard_labeler(fields)`` (:class:`..vocab.HardLabeler`) gives hard labels and ``num_classes``
-    the label width."""
+    the label width. ``class_map`` (store class -> run class, an embedding store read with another
+    vocabulary; ``num_classes`` is then the run's) makes tiles carry stored embeddings, decoded on the
+    training device (:mod:`.embedding`), and translates the store's hard labels."""
     if not cfg.cls_shards:
         raise LtDistillError("the classification dataset needs data.cls_shards")
     aug = cfg.cls_aug
     if reader is not None:
         grid_boxes = reader.attrs["grid"]["boxes"]
-        num_classes = reader.layout.num_classes
+        if class_map is None:
+            num_classes = reader.layout.num_classes
     else:
         grid_boxes = GridSpec.parse(cfg.grid).boxes()
         if num_classes is None:
@@ -71,14 +75,15 @@ def build_classification_dataset(cfg: DataConfig, reader: LabelReader | None = N
     if cfg.soft_labels == "cached":
         if reader is None:
             raise LtDistillError("soft_labels = cached needs a label store (data.label_store)")
-        labels = CropSoftLabels(reader, aug.crop_match, aug.iou_threshold, aug.interp_top_n)
+        labels = CropSoftLabels(reader, aug.crop_match, aug.iou_threshold, aug.interp_top_n) if class_map is None \
+            else CropEmbeddings(reader, num_classes, aug.crop_match, aug.iou_threshold, aug.interp_top_n)
     fit = "quadrant" if aug.crop_match == "exact" else "tile"
     mosaic = RandomMosaic(aug.tile_size, aug.center_ratio_range, aug.pad_value, fit) if aug.mosaic_prob > 0 else None
     return ClassificationDataset(
         expand_shards(cfg.cls_shards), num_classes=num_classes,
         tile_transforms=T.make_tile_transforms(aug, grid_boxes), mosaic=mosaic, mosaic_prob=aug.mosaic_prob,
         single_transforms=T.RandomResize(aug.scales, max_size=aug.max_size), labels=labels,
-        rows=StoreRows(reader) if reader is not None else None, hard_labeler=hard_labeler,
+        rows=StoreRows(reader, class_map) if reader is not None else None, hard_labeler=hard_labeler,
         pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed, repeat=repeat, rank=rank, world_size=num_replicas,
         skip_unlabelled=cfg.cls_unlabelled == "skip" and not _pseudo_labels_later(hard_labeler))

@@ -43,6 +43,7 @@ from ...pipeline.data import transforms as T
 from ...pipeline.data.classification import ClassificationDataset
 from ...pipeline.data.config import DataConfig
 from ...pipeline.data.detection import DetectionDataset, load_detection_annotations
+from ...pipeline.data.embedding import ObjectEmbeddings
 from ...pipeline.data.labels import ObjectSoftLabels, check_label_store
 from ...pipeline.data.loader import (
     AlternatingLoader,
@@ -53,7 +54,8 @@ from ...pipeline.data.loader import (
 )
 from ...pipeline.evaluate import evaluate_model
 from ...pipeline.model import build_model, load_checkpoint
-from ...store import LabelReader
+from ...pipeline.vocab import load_vocabulary
+from ...store import LabelReader, StoreMismatchError
 from .checkpoint import (
     last_checkpoint,
     load_finetune_weights,
@@ -65,6 +67,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, resume_differences
+from .embedding import EmbeddingLabels, build_embedding_labels, uses_embeddings
 from .monitor import TrainMonitor
 from .online import OnlineLabels, build_online_labels
 from .optim import build_optimizer, build_scheduler
@@ -98,6 +101,7 @@ class TrainData:
     text_embeddings: torch.Tensor
     reader: LabelReader | None = None
     online: OnlineLabels | None = None
+    embedded: EmbeddingLabels | None = None  # an embedding store: decodes each device batch's soft labels
 
 
 def seed_everything(seed: int) -> None:
@@ -117,9 +121,17 @@ def open_store_checked(data_cfg: DataConfig, names: list[str], cfg: TrainConfig)
         raise LtDistillError(f"label store not found: {data_cfg.label_store}")
     reader = LabelReader(data_cfg.label_store)
     sc = cfg.store_check
+    if uses_embeddings(reader, data_cfg):  # any vocabulary: the teacher is checked instead (stages.train.embedding)
+        check_label_store(reader, grid=data_cfg.grid, teacher_model=sc.teacher_model or None)
+        return reader
     check_label_store(reader, vocabulary=names, grid=data_cfg.grid, topk=sc.topk or None,
                       residual=sc.residual or None, teacher_model=sc.teacher_model or None,
                       class_list=sc.class_list or None)
+    stored = float(reader.attrs.get("teacher", {}).get("temperature", 1.0))
+    if data_cfg.soft_temperature and data_cfg.soft_temperature != stored:
+        raise StoreMismatchError(f"label store {reader.path}: data.soft_temperature = {data_cfg.soft_temperature}, "
+                                 f"but top-k labels were made at temperature {stored} and cannot be re-tempered; "
+                                 "use an embedding store (precompute --encoding embedding) or set it to 0")
     return reader
 
 
@@ -138,17 +150,23 @@ def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> 
         raise LtDistillError("training needs data.det_annotations and data.det_images")
     records, categories, skipped = load_detection_annotations(data_cfg.det_annotations)
     names = [c["name"] for c in categories]
-    reader, online = None, None
+    reader, online, embedded = None, None, None
     if data_cfg.soft_labels == "online":
         online = build_online_labels(cfg.teacher, cfg.hard_labels, names, data_cfg.det_annotations, info.device,
                                      data_cfg.pixel_mean, data_cfg.pixel_std)
         text = online.text_embeddings
     else:
         reader = open_store_checked(data_cfg, names, cfg)
-        text = _store_text_embeddings(reader, data_cfg)
+        if uses_embeddings(reader, data_cfg):
+            embedded = build_embedding_labels(reader, data_cfg, cfg.teacher, load_vocabulary(data_cfg.det_annotations),
+                                              info.device)
+            text = embedded.text_embeddings
+        else:
+            text = _store_text_embeddings(reader, data_cfg)
+    objects = None if reader is None else \
+        ObjectEmbeddings(reader, len(categories)) if embedded is not None else ObjectSoftLabels(reader)
     det = DetectionDataset(records, data_cfg.det_images, categories,
-                           transforms=T.make_detection_transforms(data_cfg.det_aug),
-                           objects=ObjectSoftLabels(reader) if reader is not None else None,
+                           transforms=T.make_detection_transforms(data_cfg.det_aug), objects=objects,
                            pixel_mean=data_cfg.pixel_mean, pixel_std=data_cfg.pixel_std, skipped=skipped)
     det_loader = build_detection_loader(data_cfg, det, info.world_size, info.rank)
     cls_loader = None
@@ -156,7 +174,8 @@ def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> 
         cls: ClassificationDataset = build_classification_dataset(
             data_cfg, reader, num_classes=len(categories),
             hard_labeler=online.hard_labeler if online is not None else None,
-            num_replicas=info.world_size, rank=info.rank)
+            num_replicas=info.world_size, rank=info.rank,
+            class_map=embedded.class_map if embedded is not None else None)
         cls_loader = build_classification_loader(data_cfg, cls)
     # Worker seeds come from each loader's own generator, not from the global RNG that the model
     # also draws from: a replayed loader then reproduces the interrupted run's augmentations.
@@ -168,7 +187,7 @@ def build_train_data(data_cfg: DataConfig, cfg: TrainConfig, info: DistInfo) -> 
         counts[torch.as_tensor(cats, dtype=torch.long)] += 1
     # The method shapes the stream (default 1:1 alternation; CLIS mixes both sources in each batch).
     loader = cfg.build_method().train_loader(det_loader, cls_loader, data_cfg.seed * 1000 + info.rank * 10 + 2)
-    return TrainData(loader, categories, counts, text, reader, online)
+    return TrainData(loader, categories, counts, text, reader, online, embedded)
 
 
 def batches(loader: AlternatingLoader, start: int = 0, on_caught_up: Callable[[], None] | None = None) -> Any:
@@ -339,6 +358,8 @@ def _train(cfg: TrainConfig, resume: bool, info: DistInfo, console: Console,
                 batch = data.online(batch)
                 label_time = time.perf_counter() - t_label
             batch = move_batch(batch, info.device)
+            if data.embedded is not None:  # stored embeddings -> soft labels over the run's classes, on the device
+                batch = data.embedded(batch)
             values = _train_step(ddp_model, criterion, optimizer, scheduler, scaler, batch, amp_dtype,
                                  cfg.optim.clip_max_norm, iteration)
             iteration += 1
@@ -386,12 +407,21 @@ def _checkpoint_to_resume(cfg: TrainConfig, resolved: dict[str, Any], resume: bo
         print(f"--resume: {note}", file=sys.stderr)
     saved = dict(ckpt["config"])
     saved.setdefault("method", "richsem")  # checkpoints from before methods existed trained RichSem
-    diffs = resume_differences(saved, resolved, cfg.data_config().soft_labels == "online")
+    data_cfg = cfg.data_config()
+    # An embedding store's labels depend on the [teacher] section (prompts) as an online run's do.
+    diffs = resume_differences(saved, resolved, data_cfg.soft_labels == "online" or _reads_embeddings(data_cfg))
     if diffs and not allow_changes:
         raise LtDistillError(f"--resume: the config differs from the checkpoint's in {len(diffs)} value(s) "
                              f"({'; '.join(diffs)}); start a new run (optionally --finetune-from the checkpoint), "
                              "or pass --allow-config-changes to apply them from here on")
     return ckpt, diffs
+
+
+def _reads_embeddings(data_cfg: DataConfig) -> bool:
+    """A cached run decoding an embedding store: its [teacher] section (prompts) shapes the labels too."""
+    if not data_cfg.label_store or not Path(data_cfg.label_store).exists():
+        return False
+    return uses_embeddings(LabelReader(data_cfg.label_store), data_cfg)
 
 
 def _train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
