@@ -27,8 +27,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ..errors import ConfigError
 from ..pipeline.shards import ShardChunks, count_samples
-from ..pipeline.teacher import GridCrops, TeacherConfig, WholeImage, build_teacher, tensorrt_unavailable_reason
+from ..pipeline.teacher import (
+    TEACHER_FAMILIES,
+    GridCrops,
+    TeacherConfig,
+    WholeImage,
+    build_teacher,
+    tensorrt_unavailable_reason,
+)
 from ..stages.precompute import (
     Dist,
     Job,
@@ -247,26 +255,40 @@ def bench_engines(base: TeacherConfig, engines: list[str], vocabulary, crops: to
 def bench_precompute(model: str = "lt-tiny-rn", num_shards: int = 4, images_per_shard: int = 48,
                      grid: str = "default", workers: int = 2, batch_size: int = 16,
                      engines: list[str] | None = None, device: str = "auto", repeats: int = 2,
-                     seed: int = 0, threads: int = 0) -> dict[str, Any]:
+                     seed: int = 0, threads: int = 0, teacher: str = "clip") -> dict[str, Any]:
     """Run the benchmark (see module docstring) and return its results. Every stage and the job run with
-    the torch thread count the job itself would pick (:func:`resolve_threads`)."""
+    the torch thread count the job itself would pick (:func:`resolve_threads`). ``teacher``: ``clip`` (open_clip
+    ``model`` with random weights) or ``classifier`` (``model`` with its real packaged weights, e.g. the
+    EfficientNet-Lite0 ImageNet classifier; ``model = ""`` takes the family's default)."""
     engines = ["eager", "compile", "tensorrt"] if engines is None else engines
     threads_before = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(threads, workers))
     try:
-        return _bench(model, num_shards, images_per_shard, grid, workers, batch_size, engines, device, repeats, seed)
+        return _bench(_teacher_config(teacher, model, device), num_shards, images_per_shard, grid, workers,
+                      batch_size, engines, repeats, seed)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _bench(model: str, num_shards: int, images_per_shard: int, grid: str, workers: int, batch_size: int,
-           engines: list[str], device: str, repeats: int, seed: int) -> dict[str, Any]:
-    results: dict[str, Any] = {"model": model, "device": None, "torch_threads": torch.get_num_threads(),
+def _teacher_config(family_name: str, model: str, device: str) -> TeacherConfig:
+    """clip teachers are timed with random weights (the cost does not depend on them); classifier teachers
+    with their real weights (the packaged file), over their own label space."""
+    if family_name not in TEACHER_FAMILIES:
+        raise ConfigError(f"--teacher {family_name!r} is not one of {', '.join(TEACHER_FAMILIES)}")
+    family = TEACHER_FAMILIES[family_name]
+    return TeacherConfig(family=family_name, model=model or family.default_model, random_init=family_name == "clip",
+                         vocab=family.default_vocab, templates="single", engine="eager", device=device)
+
+
+def _bench(teacher_cfg: TeacherConfig, num_shards: int, images_per_shard: int, grid: str, workers: int,
+           batch_size: int, engines: list[str], repeats: int, seed: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"model": teacher_cfg.model, "teacher": teacher_cfg.family,
+                               "weights": "random" if teacher_cfg.random_init else "real (packaged)",
+                               "device": None, "torch_threads": torch.get_num_threads(),
                                "workers": workers, "shards": num_shards, "images_per_shard": images_per_shard}
     with tempfile.TemporaryDirectory(prefix="lt-bench-precompute-") as tmp:
         root = Path(tmp)
         pattern = make_bench_shards(root / "shards", num_shards, images_per_shard, seed)
-        teacher_cfg = TeacherConfig(model=model, random_init=True, templates="single", engine="eager", device=device)
         modes = {}
         vocabulary = None
         for mode in ("crops", "pooled"):
@@ -303,7 +325,7 @@ def _bench(model: str, num_shards: int, images_per_shard: int, grid: str, worker
 def print_results(results: dict[str, Any], console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"bench precompute: {results['model']} (random weights) on {results['device']}, "
+    table = Table(title=f"bench precompute: {results['model']} ({results.get('weights', 'random')} weights) on {results['device']}, "
                         f"{results['shards']} shards x {results['images_per_shard']} images, "
                         f"{results['workers']} workers, {results['torch_threads']} torch threads")
     table.add_column("mode")

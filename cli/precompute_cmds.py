@@ -147,7 +147,10 @@ def inspect_cmd(
 @bench_app.command("precompute")
 def bench_precompute_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
-    model: Annotated[str, typer.Option("--model", help="Teacher architecture (random weights).")] = "lt-tiny-rn",
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher family: clip (random weights) or classifier "
+                                         "(real packaged weights: EfficientNet-Lite0 ImageNet).")] = "clip",
+    model: Annotated[str, typer.Option("--model", help="Teacher architecture (default: lt-tiny-rn for clip, the "
+                                       "family's default for classifier).")] = "",
     shards: Annotated[int, typer.Option("--shards", help="Generated shards.")] = 4,
     images_per_shard: Annotated[int, typer.Option("--images-per-shard", help="Images per generated shard.")] = 48,
     grid: Annotated[str, typer.Option("--grid", help="Crop grid.")] = "default",
@@ -164,7 +167,8 @@ def bench_precompute_cmd(
     mode, crops-vs-pooled cost, and images/s per engine, on generated shards."""
     from ..bench.precompute import bench_precompute, print_results
 
-    results = bench_precompute(model=model, num_shards=shards, images_per_shard=images_per_shard, grid=grid,
+    results = bench_precompute(teacher=teacher, model=model or ("lt-tiny-rn" if teacher == "clip" else ""),
+                               num_shards=shards, images_per_shard=images_per_shard, grid=grid,
                                workers=workers, batch_size=batch_size,
                                engines=[e.strip() for e in engines.split(",") if e.strip()], device=device,
                                repeats=repeats, threads=threads)

@@ -26,3 +26,16 @@ def test_bench_precompute_small(tmp_path, capsys):
     trt = results["engines"]["tensorrt"]
     assert trt["available"] or trt["reason"]  # unavailable engines say why
     assert "teacher images/s per engine" in capsys.readouterr().out
+
+
+def test_bench_precompute_teacher_families():
+    from lt_distill.bench.precompute import _teacher_config
+    from lt_distill.errors import ConfigError
+
+    clip = _teacher_config("clip", "lt-tiny-rn", "cpu")
+    assert (clip.family, clip.model, clip.random_init) == ("clip", "lt-tiny-rn", True)
+    real = _teacher_config("classifier", "", "cpu")  # real packaged weights, its own label space
+    assert real.family == "classifier" and not real.random_init and real.weights is None
+    assert real.model == "efficientnet-lite0" and real.vocab == "imagenet-1k"
+    with pytest.raises(ConfigError, match="not one of"):
+        _teacher_config("vit", "", "cpu")
