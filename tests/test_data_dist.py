@@ -50,7 +50,8 @@ def test_two_gloo_ranks_with_two_workers_see_disjoint_data(tmp_path):
     jpath, images = S.write_detection_set(tmp_path / "det", 10, seed=6, size_range=(40, 64))
     S.write_label_store(tmp_path / "store", keys, num_classes=10)
     cfg = {"det_annotations": str(jpath), "det_images": str(images), "cls_shards": pattern,
-           "label_store": str(tmp_path / "store"), "batch_size": 1, "num_workers": 2}
+           "label_store": str(tmp_path / "store"), "batch_size": 1, "num_workers": 2,
+           "cls_unlabelled": "keep"}  # every sample counts here, also those whose class maps to no category
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "seen.json"
