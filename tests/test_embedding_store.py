@@ -208,7 +208,7 @@ def test_precompute_embeddings_match_the_teacher_at_any_temperature(shards, tmp_
             s, pos = reader.locate(raw.key)
             codes, scale, valid = reader.embeddings(s, pos)
             assert valid
-            crops = crop_and_resize(decode_image(raw.fields["jpg"]), boxes, warm.input_size)
+            crops = crop_and_resize(decode_image(raw.fields["jpg"]), boxes, warm.preprocess)  # as precompute cuts
             feats = warm.crop_features(crops).numpy()
             assert (np.abs(dequantise(codes, scale) - feats) <= int8_error_bound(scale)[:, None] + 1e-6).all()
             want = warm.score_crop_batch(crops).numpy()
