@@ -107,7 +107,7 @@ def _decode_stage(job: Job, workers: int) -> tuple[Callable[[], int], list]:
 
     def run() -> int:
         n = 0
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=job.cfg.prefetch)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=job.cfg.prefetch if workers else None)
         for chunk in loader:
             n += len(chunk.keys)
             if len(kept) < 8 and chunk.inputs.numel():

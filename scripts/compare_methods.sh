@@ -9,7 +9,7 @@
 set -euo pipefail
 WORKDIR=${1:-lt-distill-compare}
 shift || true
-METHODS=${METHODS:-$(python -c "from lt_distill.pipeline.methods import METHODS; print(','.join(METHODS))")}
+METHODS=${METHODS:-$("$(command -v python || command -v python3)" -c "from lt_distill.pipeline.methods import METHODS; print(','.join(METHODS))")}
 ARGS=()
 if [[ -n "${ITERS:-}" ]]; then ARGS+=(--iterations "$ITERS"); fi
 IFS=',' read -ra NAMES <<< "$METHODS"
