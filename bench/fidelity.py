@@ -39,7 +39,7 @@ from rich.table import Table
 from ..pipeline.data import StoreRows, build_classification_dataset, data_config
 from ..pipeline.data.classification import decode_sample_image
 from ..pipeline.data.online import OnlineSoftLabeler, cxcywh_to_xyxy
-from ..pipeline.grid import MATCH_MODES
+from ..pipeline.grid import MATCH_MODES, match_crops
 from ..pipeline.shards import expand_shards, iter_tar_samples
 from ..pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize
 from ..pipeline.teacher.classifier import CLASSIFIER_MODELS, packaged_weights
@@ -133,6 +133,65 @@ def _compare(online: np.ndarray, cached: np.ndarray) -> tuple[np.ndarray, np.nda
     return kl_divergence(online, cached), online.argmax(-1) == cached.argmax(-1), top5_overlap(online, cached)
 
 
+def _preprocess(teacher) -> Any:
+    """The teacher's own crop preprocessing (a plain input size for teachers without one)."""
+    return getattr(teacher, "preprocess", teacher.input_size)
+
+
+class _LosslessLabels:
+    """What a store with no storage loss would give a tile: the teacher's full distributions on the grid
+    crops of the tile's original image (no top-k, no fp16), mixed with the weights the match mode gives.
+
+    KL(online || lossless) is the part of the fidelity gap that no encoding removes (the tile's pixels are
+    not the grid crop's: resampled to its mosaic quadrant, maybe flipped); the rest of KL(online || cached)
+    is storage. ``flip-aware``: a flipped tile is given the teacher's distribution on the *mirrored* grid
+    crops, as a store with labels of mirrored crops would. The images come from the dataset as it decodes
+    them (:meth:`watch`), so nothing is read twice."""
+
+    def __init__(self, teacher, grid_boxes: np.ndarray, mode: str, iou_threshold: float, top_n: int,
+                 keep_images: int = 64) -> None:
+        self.teacher, self.grid_boxes = teacher, grid_boxes
+        self.mode, self.iou_threshold, self.top_n = mode, iou_threshold, top_n
+        self.keep_images = keep_images
+        self.images: collections.OrderedDict[tuple[int, int], torch.Tensor] = collections.OrderedDict()
+        self.probs: dict[tuple[int, int, bool], np.ndarray] = {}
+
+    def watch(self, dataset) -> None:
+        """Keep the last ``keep_images`` images ``dataset`` decodes, by (shard, store row).
+        The wrapper is set on this one dataset instance; the pipeline's code is unchanged."""
+        decode = dataset.decode
+
+        def recording_decode(shard: int, position: int, raw: Any) -> dict[str, Any]:
+            sample = decode(shard, position, raw)
+            if "image" in sample and sample["position"] >= 0:
+                self.images[(shard, sample["position"])] = sample["image"]
+                while len(self.images) > self.keep_images:
+                    (old_shard, old_row), _ = self.images.popitem(last=False)
+                    for mirrored in (False, True):
+                        self.probs.pop((old_shard, old_row, mirrored), None)
+            return sample
+
+        dataset.decode = recording_decode
+
+    def _grid_probs(self, shard: int, row: int, mirrored: bool) -> np.ndarray:
+        key = (shard, row, mirrored)
+        if key not in self.probs:
+            crops = crop_and_resize(self.images[(shard, row)], self.grid_boxes, _preprocess(self.teacher))
+            if mirrored:
+                crops = crops.flip(-1)
+            self.probs[key] = self.teacher.score_crop_batch(crops).float().cpu().numpy().astype(np.float64)
+        return self.probs[key]
+
+    def __call__(self, rows: np.ndarray, regions: np.ndarray, flipped: np.ndarray | None = None) -> np.ndarray:
+        """(n, 2) store rows and (n, 4) regions of tiles with a valid match -> (n, C) float32 labels."""
+        weights, _ = match_crops(regions, self.grid_boxes, self.mode, self.iou_threshold, self.top_n)
+        out = []
+        for i, (shard, row) in enumerate(rows.tolist()):
+            mirrored = bool(flipped[i]) if flipped is not None else False
+            out.append(weights[i] @ self._grid_probs(shard, row, mirrored))
+        return np.asarray(out, dtype=np.float32)
+
+
 def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: int = 200,
                      modes: tuple[str, ...] = MATCH_MODES, preset: str = "default", crop_prob: float = 1.0,
                      iou_threshold: float = 0.5, interp_top_n: int = 4, tile_size: int | None = None,
@@ -144,6 +203,7 @@ def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: in
 
     ``teacher`` needs ``input_size`` and ``score_crop_batch(uint8 (N, 3, S, S)) -> (N, C) probs``."""
     grid_spec = reader.attrs["grid"]["spec"]
+    grid_boxes = np.asarray(reader.attrs["grid"]["boxes"], dtype=np.float64)
     out: dict[str, Any] = {}
     for mode in modes:
         aug: dict[str, Any] = {"crop_match": mode, "crop_prob": crop_prob, "iou_threshold": iou_threshold,
@@ -154,6 +214,8 @@ def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: in
                                    "num_workers": 0, "seed": seed, "cls_aug": aug,
                                    "cls_unlabelled": "keep"})  # soft labels only: hard labels do not matter
         dataset = build_classification_dataset(cfg, reader)  # passes over the shards until num_tiles
+        lossless = _LosslessLabels(teacher, grid_boxes, mode, iou_threshold, interp_top_n)
+        lossless.watch(dataset)
         to_pixels = OnlineSoftLabeler(teacher, cfg.pixel_mean, cfg.pixel_std)
         tallies = collections.defaultdict(_Tally)
         seen = masked = 0
@@ -162,8 +224,7 @@ def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: in
         for image, target in dataset:
             canvas = to_pixels.image_uint8(image, target["size"])
             boxes = cxcywh_to_xyxy(target["boxes"].float()).clamp(0, 1).numpy()
-            pre = getattr(teacher, "preprocess", teacher.input_size)  # the teacher's own crop preprocessing
-            online = teacher.score_crop_batch(crop_and_resize(canvas, boxes, pre)).float().cpu().numpy()
+            online = teacher.score_crop_batch(crop_and_resize(canvas, boxes, _preprocess(teacher))).float().cpu().numpy()
             cached = target["soft_labels"].numpy()
             valid = target["soft_mask"].numpy()
             flipped = target["flipped"].numpy()
@@ -175,6 +236,9 @@ def measure_fidelity(reader: LabelReader, shards: str, teacher, *, num_tiles: in
                 if sel.any():
                     tallies[name].add(*_compare(online[sel], cached[sel]))
             if valid.any():
+                rows, regions = target["rows"].numpy()[valid], target["regions"].numpy()[valid]
+                tallies["lossless label"].add(*_compare(online[valid], lossless(rows, regions)))
+                tallies["lossless, flip-aware"].add(*_compare(online[valid], lossless(rows, regions, flipped[valid])))
                 tallies["whole-image label"].add(*_compare(online[valid], whole[valid]))
                 if previous_whole is not None:  # the last mosaic's images are other images
                     other = previous_whole[np.arange(int(valid.sum())) % len(previous_whole)]
@@ -257,7 +321,8 @@ def print_fidelity(result: dict[str, Any], console: Console | None = None) -> No
     table = Table(title=f"fidelity: online teacher on the actual tile vs cached label ({result['grid']} grid, "
                         f"top-{result['topk']}, {result['residual_policy']})")
     for col in ("mode", "tiles", "masked", "top-1 agree", "top-5 overlap", "mean KL", "top-1 flipped", "KL flipped",
-                "top-1 unflipped", "KL unflipped", "whole-image top-1", "other-image top-1"):
+                "top-1 unflipped", "KL unflipped", "lossless top-1", "lossless KL", "flip-aware top-1",
+                "flip-aware KL", "whole-image top-1", "other-image top-1"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for mode, r in result["modes"].items():
         def cell(part: str, key: str, fmt: str) -> str:
@@ -266,7 +331,9 @@ def print_fidelity(result: dict[str, Any], console: Console | None = None) -> No
                       cell("all", "top5_overlap", ".1%"), cell("all", "mean_kl", ".4f"),
                       cell("flipped", "top1_agreement", ".1%"),
                       cell("flipped", "mean_kl", ".4f"), cell("unflipped", "top1_agreement", ".1%"),
-                      cell("unflipped", "mean_kl", ".4f"), cell("whole-image label", "top1_agreement", ".1%"),
+                      cell("unflipped", "mean_kl", ".4f"), cell("lossless label", "top1_agreement", ".1%"),
+                      cell("lossless label", "mean_kl", ".4f"), cell("lossless, flip-aware", "top1_agreement", ".1%"),
+                      cell("lossless, flip-aware", "mean_kl", ".4f"), cell("whole-image label", "top1_agreement", ".1%"),
                       cell("other image's label", "top1_agreement", ".1%"))
     console.print(table)
     rep = result.get("reproduction")
@@ -282,6 +349,9 @@ def print_fidelity(result: dict[str, Any], console: Console | None = None) -> No
         console.print("[yellow]warning[/yellow]: the teacher gives most images the same top-1 class (other-image "
                       f"agreement up to {max(control):.0%}): it does not look at the image (random weights?), so "
                       "these agreements say nothing about fidelity")
+    console.print("lossless: the teacher's full distributions on the matched grid crops of the original image (what "
+                  "a store with no top-k/quantisation loss gives); flip-aware: mirrored grid crops for flipped tiles. "
+                  "KL(online || lossless) is the gap no encoding removes; the rest of the mean KL is storage.")
     console.print(f"teacher {t['model']} ({t['weights']}), input {t['input_size']}px, on {t['device']}; store filled "
                   f"with mode {result['store_mode']!r}; data preset {result['preset']!r}, crop_prob "
                   f"{result['crop_prob']}, IoU threshold {result['iou_threshold']}; goal: exact >= "

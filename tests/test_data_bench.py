@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from lt_distill.bench.fidelity import check_same_teacher, measure_fidelity, reproduce_store, teacher_config_for_store
+from lt_distill.bench.fidelity import (
+    _LosslessLabels,
+    check_same_teacher,
+    measure_fidelity,
+    reproduce_store,
+    teacher_config_for_store,
+)
 from lt_distill.bench.labels import run_labels_bench
 from lt_distill.pipeline.data import (
     build_classification_dataset,
@@ -20,7 +26,7 @@ from lt_distill.pipeline.data import (
 from lt_distill.pipeline.data import synthetic as S
 from lt_distill.pipeline.data.online import OnlineSoftLabeler
 from lt_distill.pipeline.data.transforms import normalize
-from lt_distill.pipeline.grid import GridSpec
+from lt_distill.pipeline.grid import GridSpec, box_iou
 from lt_distill.pipeline.shards import iter_tar_samples
 from lt_distill.pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize, decode_image
 from lt_distill.store import LabelReader, LabelStore, ShardResult, StoreError, StoreLayout, StoreMismatchError, encode_topk
@@ -84,10 +90,39 @@ def test_fidelity_exact_mode_reproduces_the_grid_labels(tmp_path):
     assert exact["flipped"]["mean_kl"] > 5 * exact["unflipped"]["mean_kl"]
     assert nearest["unflipped"]["mean_kl"] > exact["unflipped"]["mean_kl"]
     assert exact["whole-image label"]["top1_agreement"] < exact["unflipped"]["top1_agreement"]
+    # The decomposition: the scorer's full output on the mirrored grid crops explains the flipped tiles
+    # (flip-aware), the unmirrored one does not; with no storage loss the gap is only resampling.
+    assert exact["lossless, flip-aware"]["mean_kl"] < 0.05
+    assert exact["lossless label"]["mean_kl"] > 3 * exact["lossless, flip-aware"]["mean_kl"]
+    assert exact["lossless label"]["tiles"] == exact["all"]["tiles"]
     # The store reproduction check: the same scorer reproduces the stored labels, another one does not.
     same = reproduce_store(reader, pattern, scorer, num_images=3)
     assert same["images"] == 3 and same["top1_agreement"] == 1.0 and same["mean_kl"] < 0.05
     assert reproduce_store(reader, pattern, ColourLayoutScorer(seed=1), num_images=3)["top1_agreement"] < 0.5
+
+
+def test_lossless_labels_are_the_scorer_on_the_matched_grid_crops():
+    scorer = ColourLayoutScorer()
+    grid = GridSpec.parse("coarse").boxes()
+    image = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    lossless = _LosslessLabels(scorer, grid, "interp", 0.5, 4)
+
+    class Decoder:  # stands in for the dataset: watch() records what its decode returns
+        def decode(self, shard, position, raw):
+            return {"image": image, "shard": shard, "position": 5}
+
+    dataset = Decoder()
+    lossless.watch(dataset)
+    dataset.decode(1, 0, None)
+    crops = crop_and_resize(image, grid, scorer.input_size)
+    full, mirrored = scorer.score_crop_batch(crops).numpy(), scorer.score_crop_batch(crops.flip(-1)).numpy()
+    regions = np.stack([grid[3], (grid[1] + grid[2]) / 2])  # a grid box, and a region between two boxes
+    rows = np.array([[1, 5], [1, 5]])
+    out = lossless(rows, regions, np.array([False, True]))
+    np.testing.assert_allclose(out[0], full[3], rtol=1e-5, atol=1e-7)
+    iou = box_iou(regions[1:], grid)[0]
+    w = np.where(iou >= 0.5, iou, 0.0)
+    np.testing.assert_allclose(out[1], (w / w.sum()) @ mirrored, rtol=1e-5, atol=1e-7)
 
 
 def test_teacher_is_rebuilt_from_the_store_provenance(tmp_path):
