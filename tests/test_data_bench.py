@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from lt_distill.bench.fidelity import (
+    _compare,
     _LosslessLabels,
+    _Tally,
     check_same_teacher,
     measure_fidelity,
     reproduce_store,
@@ -123,6 +125,16 @@ def test_lossless_labels_are_the_scorer_on_the_matched_grid_crops():
     iou = box_iou(regions[1:], grid)[0]
     w = np.where(iou >= 0.5, iou, 0.0)
     np.testing.assert_allclose(out[1], (w / w.sum()) @ mirrored, rtol=1e-5, atol=1e-7)
+
+
+def test_confident_agreement_counts_only_tiles_with_a_clear_online_top1():
+    online = np.array([[0.9, 0.1, 0.0], [0.6, 0.3, 0.1], [0.4, 0.35, 0.25], [0.34, 0.33, 0.33]])
+    cached = np.array([[0.8, 0.2, 0.0], [0.3, 0.6, 0.1], [0.4, 0.35, 0.25], [0.2, 0.5, 0.3]])
+    tally = _Tally()
+    tally.add(*_compare(online, cached))
+    summary = tally.summary()
+    assert summary["top1_agreement"] == 0.5 and summary["confident_tiles"] == 2
+    assert summary["top1_agreement_confident"] == 0.5  # the two confident rows: one agrees, one does not
 
 
 def test_teacher_is_rebuilt_from_the_store_provenance(tmp_path):
