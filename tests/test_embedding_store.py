@@ -359,17 +359,17 @@ def test_store_from_another_teacher_is_refused_by_name(demo_store, tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_from_an_embedding_store_gives_the_same_losses(demo_store, tmp_path):
-    from test_train import _run_script, _train_records
+    from train_helpers import run_killable, train_records
 
     ds, store, subset = demo_store
     full = _run_config(ds, store, tmp_path / "full", subset, "single", max_iters=4)
-    assert _run_script(full, -1, "fresh").returncode == 0
+    assert run_killable(full, -1, "fresh").returncode == 0
     killed = _run_config(ds, store, tmp_path / "killed", subset, "single", max_iters=4)
-    proc = _run_script(killed, 3, "fresh")  # checkpoint at 2, killed after step 3
+    proc = run_killable(killed, 3, "fresh")  # checkpoint at 2, killed after step 3
     assert proc.returncode == -9, proc.stderr[-2000:]
-    proc = _run_script(killed, -1, "resume")
+    proc = run_killable(killed, -1, "resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ref, got = _train_records(tmp_path / "full"), _train_records(tmp_path / "killed")
+    ref, got = train_records(tmp_path / "full"), train_records(tmp_path / "killed")
     assert [r["iter"] for r in got] == [1, 2, 3, 4]
     keys = [k for k in ref[0] if k.startswith("loss") or k == "grad_norm"]
     assert "loss_semantic" in keys

@@ -1,12 +1,8 @@
 """BACL: the properties ../shared/METHODS.md lists (FCBL, confusion matrix, FHM, stage-2 freezing, Eq. 5),
 exact resume and 2-process gloo DDP with the confusion matrix all-reduced."""
 
-import json
 import math
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,7 +26,7 @@ from lt_distill.stages.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_model import C, E, batch, make_targets  # noqa: E402
-from test_train import _config, _run_script, _train_records, dataset  # noqa: E402, F401  (dataset: fixture)
+from train_helpers import run_config, run_killable, run_torchrun, train_records  # noqa: E402
 
 D = 16
 
@@ -254,20 +250,20 @@ def test_eq5_scores_reach_the_post_processor():
 
 # ------------------------------------------------------------------------------------------ training
 def _bacl_config(ds, store, out, **top):
-    return _config(ds, store, out, method="bacl", method_options={"stage": "classifier"}, **top)
+    return run_config(ds, out, store=store, method="bacl", method_options={"stage": "classifier"}, **top)
 
 
 @pytest.mark.slow
-def test_bacl_stage2_kill_and_resume_is_exact(dataset, tmp_path):  # noqa: F811
-    ds, store = dataset
+def test_bacl_stage2_kill_and_resume_is_exact(run_data, tmp_path):
+    ds, store = run_data
     full = _bacl_config(ds, store, tmp_path / "full")
-    proc = _run_script(full, -1, "fresh")
+    proc = run_killable(full, -1, "fresh")
     assert proc.returncode == 0, proc.stderr[-2000:]
     killed = _bacl_config(ds, store, tmp_path / "killed")
-    assert _run_script(killed, 4, "fresh").returncode == -9
-    proc = _run_script(killed, -1, "resume")
+    assert run_killable(killed, 4, "fresh").returncode == -9
+    proc = run_killable(killed, -1, "resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ref, got = _train_records(tmp_path / "full"), _train_records(tmp_path / "killed")
+    ref, got = train_records(tmp_path / "full"), train_records(tmp_path / "killed")
     assert {r["source"] for r in ref} == {"detection"}  # stage 2: LVIS only
     keys = [k for k in ref[0] if k.startswith("loss") or k == "grad_norm"]
     assert "loss_fhm" in keys and "loss_bg" in keys
@@ -282,30 +278,11 @@ def test_bacl_stage2_kill_and_resume_is_exact(dataset, tmp_path):  # noqa: F811
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-_DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys, torch
-    from lt_distill.stages.train.config import train_config
-    from lt_distill.stages.train.loop import train
-    cfg = train_config(None, base=json.loads(sys.argv[1]))
-    seen = []
-    result = train(cfg, on_step=lambda it, losses: seen.append(losses["loss"]))
-    torch.save({"state": result.model.state_dict(), "criterion": result.criterion.state_dict(), "losses": seen},
-               sys.argv[2] + f"/rank{os.environ['RANK']}.pt")
-""")
-
-
 @pytest.mark.slow
-def test_bacl_two_gloo_processes_share_the_confusion_matrix(dataset, tmp_path):  # noqa: F811
-    ds, store = dataset
+def test_bacl_two_gloo_processes_share_the_confusion_matrix(run_data, tmp_path):
+    ds, store = run_data
     base = _bacl_config(ds, store, tmp_path / "ddp", max_iters=3, checkpoint_every=3)
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), json.dumps(base), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = run_torchrun(base, tmp_path)
     for k in r0["criterion"]:  # M and the FHM statistics: the same on both ranks
         assert torch.equal(r0["criterion"][k], r1["criterion"][k]), k
     for k in r0["state"]:

@@ -2,10 +2,7 @@
 queue, parameter sharing, attention isolation of tile queries, the region / paste data helpers, and
 real runs through the train loop (mixed batches, exact resume, two gloo processes)."""
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from lt_distill.pipeline.methods.clis_data import (
 from lt_distill.pipeline.model import build_model, export_inference_model, load_model, model_config, save_checkpoint
 from lt_distill.pipeline.model.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from lt_distill.pipeline.model.dino import TaskHeadClassifier
+from train_helpers import run_config, run_killable, run_torchrun, train_records
 
 sys.path.insert(0, str(Path(__file__).parent))  # test_train's data helpers
 
@@ -414,32 +412,17 @@ def test_clis_config_rejects_bad_values():
 CLIS_OPTIONS = {"task_head_dim": 64, "queue_size": 8, "embed_dim": 16}  # a queue that wraps within the run
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from test_train import SyntheticConfig, _write_store, make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("clis_data")
-    ds = make_synthetic_dataset(root / "data", SyntheticConfig(
-        num_classes=6, train_images=16, val_images=4, image_size=(128, 160), cls_shards=2,
-        cls_images_per_shard=8, cls_image_size=96))
-    return ds, _write_store(root / "store.zarr", ds)
-
-
 def _clis_config(ds, store, out, **top):
-    from test_train import _config
-
-    return _config(ds, store, out, method="clis", method_options=dict(CLIS_OPTIONS), **top)
+    return run_config(ds, out, store=store, method="clis", method_options=dict(CLIS_OPTIONS), **top)
 
 
-def test_a_clis_run_mixes_sources_pastes_and_checkpoints_the_queue(dataset, tmp_path):
-    from test_train import _train_records
-
+def test_a_clis_run_mixes_sources_pastes_and_checkpoints_the_queue(run_data, tmp_path):
     from lt_distill.stages.train.config import train_config
     from lt_distill.stages.train.loop import train
 
-    ds, store = dataset
+    ds, store = run_data
     result = train(train_config(None, base=_clis_config(ds, store, tmp_path / "run", max_iters=3, checkpoint_every=3)))
-    records = _train_records(tmp_path / "run")
+    records = train_records(tmp_path / "run")
     assert [r["source"] for r in records] == ["mixed"] * 3  # both sources in every step
     assert all(r["loss_con"] >= 0 and r["loss_imcls"] > 0 and math.isfinite(r["loss"]) for r in records)
     assert records[0]["loss_con"] == 0.0 and records[-1]["loss_con"] > 0  # the queue fills from step 1
@@ -452,17 +435,15 @@ def test_a_clis_run_mixes_sources_pastes_and_checkpoints_the_queue(dataset, tmp_
 
 
 @pytest.mark.slow
-def test_clis_kill_and_resume_gives_the_same_losses(dataset, tmp_path):
-    from test_train import _run_script, _train_records
-
-    ds, store = dataset
+def test_clis_kill_and_resume_gives_the_same_losses(run_data, tmp_path):
+    ds, store = run_data
     full = _clis_config(ds, store, tmp_path / "full")
-    assert _run_script(full, -1, "fresh").returncode == 0
+    assert run_killable(full, -1, "fresh").returncode == 0
     killed = _clis_config(ds, store, tmp_path / "killed")
-    assert _run_script(killed, 4, "fresh").returncode == -9  # checkpoint at 3, killed after step 4
-    proc = _run_script(killed, -1, "resume")
+    assert run_killable(killed, 4, "fresh").returncode == -9  # checkpoint at 3, killed after step 4
+    proc = run_killable(killed, -1, "resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ref, got = _train_records(tmp_path / "full"), _train_records(tmp_path / "killed")
+    ref, got = train_records(tmp_path / "full"), train_records(tmp_path / "killed")
     assert [r["iter"] for r in got] == list(range(1, 7))
     keys = [k for k in ref[0] if k.startswith("loss") or k == "grad_norm"]
     assert "loss_con" in keys and ref[-1]["loss_con"] > 0
@@ -475,19 +456,10 @@ def test_clis_kill_and_resume_gives_the_same_losses(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_clis_under_torchrun_keeps_replicas_equal_and_a_queue_per_rank(dataset, tmp_path):
-    from test_train import _DDP_SCRIPT
-
-    ds, store = dataset
+def test_clis_under_torchrun_keeps_replicas_equal_and_a_queue_per_rank(run_data, tmp_path):
+    ds, store = run_data
     base = _clis_config(ds, store, tmp_path / "ddp", max_iters=3, checkpoint_every=3)
-    script = tmp_path / "ddp_train.py"
-    script.write_text(_DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), json.dumps(base), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = run_torchrun(base, tmp_path, timeout=900)
     for name, tensor in r0["state"].items():  # the same averaged gradient (and key-encoder update) everywhere
         assert torch.equal(tensor, r1["state"][name]), name
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "iter_0000003.pt", weights_only=True)
@@ -496,14 +468,14 @@ def test_clis_under_torchrun_keeps_replicas_equal_and_a_queue_per_rank(dataset, 
     assert not torch.equal(q0, q1)  # each rank queues its own keys (not synchronised)
 
 
-def test_clis_regions_command_stores_the_best_box_of_each_rows_class(dataset, tmp_path):
+def test_clis_regions_command_stores_the_best_box_of_each_rows_class(run_data, tmp_path):
     from lt_distill.cli import main
     from lt_distill.pipeline.data.classification import decode_sample_image
     from lt_distill.pipeline.data import transforms as T
     from lt_distill.pipeline.shards import expand_shards, iter_tar_samples
     from lt_distill.store import LabelReader
 
-    ds, store = dataset
+    ds, store = run_data
     reader = LabelReader(store)
     torch.manual_seed(0)
     cfg = model_config("tiny")

@@ -1,16 +1,11 @@
 """Stage-2 training: config, optimizer groups, checkpoints, and real short runs on CPU.
 
-A small synthetic long-tailed dataset (stages.demo.synthetic) plus a label store with random labels
-(pipeline.data.synthetic) make a run of a few iterations of the tiny detector at ~128 px.
+The runs use tests/train_helpers.py: a small synthetic long-tailed dataset plus a label store with random
+labels (the ``run_data`` fixture), a few iterations of the tiny detector at ~128 px.
 """
 
 import io
 import json
-import os
-import subprocess
-import sys
-import tarfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,61 +13,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from lt_distill.pipeline.data.synthetic import write_label_store
 from lt_distill.pipeline.model import build_model, model_config
-from lt_distill.stages.demo.synthetic import SyntheticConfig, make_synthetic_dataset
 from lt_distill.stages.train.checkpoint import load_finetune_weights, rng_state, set_rng_state
 from lt_distill.stages.train.config import OptimConfig, train_config
 from lt_distill.stages.train.optim import build_optimizer, lr_factor
 from lt_distill.store import StoreMismatchError
+from train_helpers import run_config, run_killable, run_torchrun, train_records, write_random_store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-SMALL_DATA = {  # ~128 px images so that a step takes well under a second on one core
-    "det_aug": {"scales": [128], "max_size": 160, "crop_resize_scales": [96, 128], "crop_min_size": 64,
-                "crop_max_size": 128},
-    "cls_aug": {"tile_size": 64, "scales": [128], "max_size": 160},
-}
-
-
-def _write_store(path, ds, *, vocabulary=None, grid="default", seed=0):
-    """A store with random labels for every classification sample and every training box."""
-    cats = json.loads(ds.categories.read_text())
-    keys, hard = [], []
-    for shard in ds.cls_shard_paths:
-        with tarfile.open(shard) as tar:
-            names = [m.name[:-4] for m in tar.getmembers() if m.name.endswith(".jpg")]
-            keys.append(names)
-            hard.append([int(tar.extractfile(n + ".cls").read()) for n in names])
-    ann_ids = [a["id"] for a in json.loads(ds.train_annotations.read_text())["annotations"]]
-    store = write_label_store(path, keys, num_classes=len(cats), hard_labels=hard, topk=5, seed=seed, grid=grid,
-                              vocabulary=vocabulary or [c["name"] for c in cats], objects=ann_ids)
-    emb = np.random.default_rng(seed).normal(size=(len(cats), 32)).astype(np.float16)
-    store.write_text_embeddings(emb, {"model": "random"})
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    ds = make_synthetic_dataset(root / "data", SyntheticConfig(
-        num_classes=6, train_images=16, val_images=4, image_size=(128, 160), cls_shards=2,
-        cls_images_per_shard=8, cls_image_size=96))
-    return ds, _write_store(root / "store.zarr", ds)
-
-
-def _config(ds, store, out, **top):
-    data = {"det_annotations": str(ds.train_annotations), "det_images": str(ds.train_images),
-            "cls_shards": ds.cls_shards, "label_store": str(store), **SMALL_DATA}
-    base = {"output_dir": str(out), "model_preset": "tiny", "data_preset": "tiny", "data": data,
-            "max_iters": 6, "checkpoint_every": 3, "log_every": 1, "seed": 0, "progress": False,
-            "tensorboard": False, **top}
-    return base
-
-
-def _train_records(out):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"]
 
 
 # ------------------------------------------------------------------------------------------ units
@@ -140,32 +88,32 @@ def test_finetune_skips_mismatched_tensors_by_name():
 
 
 # ------------------------------------------------------------------------------------------ runs
-def test_mismatched_store_is_refused_before_any_step(dataset, tmp_path):
+def test_mismatched_store_is_refused_before_any_step(run_data, tmp_path):
     from lt_distill.stages.train.loop import train
 
-    ds, _ = dataset
-    other = _write_store(tmp_path / "other.zarr", ds, vocabulary=[f"thing_{i}" for i in range(6)], grid="coarse")
+    ds, _ = run_data
+    other = write_random_store(tmp_path / "other.zarr", ds, vocabulary=[f"thing_{i}" for i in range(6)], grid="coarse")
     steps = []
-    cfg = train_config(None, base=_config(ds, other, tmp_path / "run"))
+    cfg = train_config(None, base=run_config(ds, tmp_path / "run", store=other))
     with pytest.raises(StoreMismatchError) as err:
         train(cfg, on_step=lambda it, v: steps.append(it))
     assert "vocabulary.sha256" in str(err.value) and "grid.spec" in str(err.value)
     assert not steps and not (tmp_path / "run" / "checkpoints").exists()
-    cfg = train_config(None, ["store_check.topk=16"], base=_config(ds, dataset[1], tmp_path / "run2"))
+    cfg = train_config(None, ["store_check.topk=16"], base=run_config(ds, tmp_path / "run2", store=run_data[1]))
     with pytest.raises(StoreMismatchError, match="encoding.topk: store has 5, run expects 16"):
         train(cfg, on_step=lambda it, v: steps.append(it))
     assert not steps
 
 
 @pytest.mark.slow
-def test_short_run_lowers_loss_and_writes_logs_checkpoints(dataset, tmp_path):
+def test_short_run_lowers_loss_and_writes_logs_checkpoints(run_data, tmp_path):
     from lt_distill.stages.train.loop import train
 
-    ds, store = dataset
+    ds, store = run_data
     cfg = train_config(None, ["max_iters=16", "checkpoint_every=8", "optim.lr=2e-4", "tensorboard=true"],
-                       base=_config(ds, store, tmp_path / "run"))
+                       base=run_config(ds, tmp_path / "run", store=store))
     result = train(cfg)
-    records = _train_records(tmp_path / "run")
+    records = train_records(tmp_path / "run")
     assert [r["iter"] for r in records] == list(range(1, 17))
     assert {r["source"] for r in records} == {"detection", "classification"}
     for source in ("detection", "classification"):
@@ -184,43 +132,25 @@ def test_short_run_lowers_loss_and_writes_logs_checkpoints(dataset, tmp_path):
     # A new run with fewer queries starts from these weights; the tensors that differ are named.
     printed = io.StringIO()
     cfg = train_config(None, ["max_iters=1", f"finetune_from={json.dumps(str(result.final_model))}"],
-                       base=_config(ds, store, tmp_path / "finetune", model={"transformer": {"num_queries": 50}}))
+                       base=run_config(ds, tmp_path / "finetune", store=store,
+                                       model={"transformer": {"num_queries": 50}}))
     tuned = train(cfg, console=Console(file=printed, width=200))
     assert "tgt_embed.weight (100, 64) -> (50, 64)" in printed.getvalue()
     assert "class_head.proj.weight" in tuned.finetune_report["loaded"]
 
 
-_KILL_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys
-    from lt_distill.stages.train.config import train_config
-    from lt_distill.stages.train.loop import train
-    cfg = train_config(None, base=json.loads(sys.argv[1]))
-    kill_at = int(sys.argv[2])
-    def on_step(iteration, losses):
-        if iteration == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the run
-    train(cfg, resume=sys.argv[3] == "resume", on_step=on_step)
-""")
-
-
-def _run_script(base, kill_at, mode):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(base), str(kill_at), mode],
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_losses(dataset, tmp_path):
-    ds, store = dataset
-    full = _config(ds, store, tmp_path / "full")
-    assert _run_script(full, -1, "fresh").returncode == 0
-    killed = _config(ds, store, tmp_path / "killed")
-    proc = _run_script(killed, 4, "fresh")  # checkpoint at 3, killed after step 4
+def test_kill_and_resume_gives_the_same_losses(run_data, tmp_path):
+    ds, store = run_data
+    full = run_config(ds, tmp_path / "full", store=store)
+    assert run_killable(full, -1, "fresh").returncode == 0
+    killed = run_config(ds, tmp_path / "killed", store=store)
+    proc = run_killable(killed, 4, "fresh")  # checkpoint at 3, killed after step 4
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoints" / "last").read_text().strip() == "iter_0000003.pt"
-    proc = _run_script(killed, -1, "resume")
+    proc = run_killable(killed, -1, "resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ref, got = _train_records(tmp_path / "full"), _train_records(tmp_path / "killed")
+    ref, got = train_records(tmp_path / "full"), train_records(tmp_path / "killed")
     assert [r["iter"] for r in got] == list(range(1, 7))  # the killed run's 4th record was replaced
     keys = [k for k in ref[0] if k.startswith("loss") or k == "grad_norm"]
     for a, b in zip(ref, got):
@@ -230,42 +160,21 @@ def test_kill_and_resume_gives_the_same_losses(dataset, tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-_DDP_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torch.distributed as dist
-    from lt_distill.stages.train.config import train_config
-    from lt_distill.stages.train.loop import train
-    cfg = train_config(None, base=json.loads(sys.argv[1]))
-    seen = []
-    def on_step(iteration, losses):
-        seen.append(losses["loss"])
-    result = train(cfg, on_step=on_step)
-    rank = int(__import__("os").environ["RANK"])
-    torch.save({"state": result.model.state_dict(), "losses": seen}, sys.argv[2] + f"/rank{rank}.pt")
-""")
-
-
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_average_gradients(dataset, tmp_path):
+def test_torchrun_two_gloo_processes_average_gradients(run_data, tmp_path):
     from lt_distill.stages.train.evaluation import evaluate_checkpoint
 
-    ds, store = dataset
-    base = _config(ds, store, tmp_path / "ddp", max_iters=4, checkpoint_every=4,
-                   eval={"every": 4, "annotations": str(ds.val_annotations), "images": str(ds.val_images),
-                         "batch_size": 1})
-    script = tmp_path / "ddp_train.py"
-    script.write_text(_DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), json.dumps(base), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    ds, store = run_data
+    base = run_config(ds, tmp_path / "ddp", store=store, max_iters=4, checkpoint_every=4,
+                      eval={"every": 4, "annotations": str(ds.val_annotations), "images": str(ds.val_images),
+                            "batch_size": 1})
+    r0, r1 = run_torchrun(base, tmp_path)
     # Each rank trained on its own images (different losses), yet after 4 steps the replicas are still
     # identical: every step applied the same, averaged gradient.
     assert all(a != b for a, b in zip(r0["losses"], r1["losses"]))
     for name, tensor in r0["state"].items():
         assert torch.equal(tensor, r1["state"][name]), name
-    records = _train_records(tmp_path / "ddp")
+    records = train_records(tmp_path / "ddp")
     assert [r["iter"] for r in records] == [1, 2, 3, 4]  # rank 0 logs the mean over ranks
     assert (tmp_path / "ddp" / "checkpoints" / "iter_0000004.pt").is_file()
     # Evaluation under torchrun: each rank scored half the images into its own file, rank 0 merged them;
@@ -285,13 +194,13 @@ def test_torchrun_two_gloo_processes_average_gradients(dataset, tmp_path):
     assert merged["metrics"] == single.metrics
 
 
-def test_resume_refuses_a_changed_optimizer_by_name_unless_allowed(dataset, tmp_path):
+def test_resume_refuses_a_changed_optimizer_by_name_unless_allowed(run_data, tmp_path):
     """Issue 15.7: --resume used to ignore a changed optim.lr while config.json recorded the new value."""
     from lt_distill.errors import LtDistillError
     from lt_distill.stages.train.loop import train
 
-    ds, store = dataset
-    base = _config(ds, store, tmp_path / "run", max_iters=2, checkpoint_every=2)
+    ds, store = run_data
+    base = run_config(ds, tmp_path / "run", store=store, max_iters=2, checkpoint_every=2)
     train(train_config(None, [], base=base))
     changed = ["max_iters=3", "optim.lr=5e-4", "data.batch_size=1"]     # max_iters alone may change
     with pytest.raises(LtDistillError, match=r"in 2 value\(s\) \(data.batch_size: .*optim.lr: checkpoint 0.0001, "

@@ -1,16 +1,12 @@
 """Stage-2 training with online soft labels (``data.soft_labels = "online"``): the tiny random-init CLIP
 teacher (``lt-tiny-rn``) scores every batch; no label store exists.
 
-The data is the small synthetic long-tailed set of tests/test_train.py (~128 px images).
+The data is the small synthetic long-tailed set of tests/train_helpers.py (~128 px images).
 """
 
 import json
 import math
-import os
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,24 +15,15 @@ import torch
 from lt_distill.errors import LtDistillError
 from lt_distill.pipeline.teacher import TeacherConfig, build_teacher
 from lt_distill.pipeline.vocab import load_vocabulary
-from lt_distill.stages.demo.synthetic import SyntheticConfig, make_synthetic_dataset
 from lt_distill.stages.train.config import HardLabelConfig, train_config
 from lt_distill.stages.train.loop import train
 from lt_distill.stages.train.online import build_hard_labeler
-
-SMALL_DATA = {  # as tests/test_train.py: a step takes well under a second on one core
-    "det_aug": {"scales": [128], "max_size": 160, "crop_resize_scales": [96, 128], "crop_min_size": 64,
-                "crop_max_size": 128},
-    "cls_aug": {"tile_size": 64, "scales": [128], "max_size": 160},
-}
+from train_helpers import run_config, run_torchrun, small_dataset, train_records
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_online")
-    return make_synthetic_dataset(root / "data", SyntheticConfig(
-        num_classes=6, train_images=16, val_images=4, image_size=(128, 160), cls_shards=2,
-        cls_images_per_shard=8, cls_image_size=96))
+    return small_dataset(tmp_path_factory.mktemp("train_online") / "data")
 
 
 def _teacher(ds, vocab=None):
@@ -45,18 +32,9 @@ def _teacher(ds, vocab=None):
 
 
 def _config(ds, out, **top):
-    data = {"det_annotations": str(ds.train_annotations), "det_images": str(ds.train_images),
-            "cls_shards": ds.cls_shards, "soft_labels": "online", "label_store": "", **SMALL_DATA}
-    return {"output_dir": str(out), "model_preset": "tiny", "data_preset": "tiny", "data": data,
-            "teacher": _teacher(ds), "hard_labels": {"source": "cls", "class_list": str(ds.class_list),
-                                                     "synset_wnids": str(ds.synset_wnids)},
-            "max_iters": 6, "checkpoint_every": 3, "log_every": 1, "seed": 0, "progress": False,
-            "tensorboard": False, **top}
-
-
-def _train_records(out):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"]
+    hard = {"source": "cls", "class_list": str(ds.class_list), "synset_wnids": str(ds.synset_wnids)}
+    return run_config(ds, out, data={"soft_labels": "online", "label_store": ""},
+                      **{"teacher": _teacher(ds), "hard_labels": hard, **top})
 
 
 def _samples(ds):
@@ -87,7 +65,7 @@ def test_online_run_scores_both_sources_without_a_store(dataset, tmp_path):
     steps = []
     result = train(cfg, on_step=lambda it, v: steps.append(v))
     assert len(steps) == 6 and all(math.isfinite(v) for s in steps for v in s.values())
-    records = _train_records(tmp_path / "run")
+    records = train_records(tmp_path / "run")
     assert [r["source"] for r in records] == ["detection", "classification"] * 3
     for r in records:
         assert r["loss_semantic"] > 0 and math.isfinite(r["loss"]), r  # every batch had teacher soft labels
@@ -123,7 +101,7 @@ def test_online_resume_continues_exactly(dataset, tmp_path):
     part = _config(dataset, tmp_path / "part", max_iters=2, checkpoint_every=2)
     train(train_config(None, base=part))
     train(train_config(None, base={**part, "max_iters": 4}), resume=True)
-    ref, got = _train_records(tmp_path / "full"), _train_records(tmp_path / "part")
+    ref, got = train_records(tmp_path / "full"), train_records(tmp_path / "part")
     assert [r["iter"] for r in got] == [1, 2, 3, 4]
     keys = [k for k in ref[0] if k.startswith("loss") or k == "grad_norm"]
     for a, b in zip(ref, got):
@@ -138,28 +116,12 @@ def test_online_resume_continues_exactly(dataset, tmp_path):
     assert np.isfinite([r["loss"] for r in got]).all()
 
 
-_DDP_SCRIPT = """
-import json, os, sys, torch
-from lt_distill.stages.train.config import train_config
-from lt_distill.stages.train.loop import train
-seen = []
-result = train(train_config(None, base=json.loads(sys.argv[1])), on_step=lambda it, v: seen.append(v["loss"]))
-torch.save({"state": result.model.state_dict(), "losses": seen}, sys.argv[2] + f"/rank{os.environ['RANK']}.pt")
-"""
-
-
 @pytest.mark.slow
 def test_online_run_under_torchrun_two_gloo_processes(dataset, tmp_path):
-    script = tmp_path / "ddp_online.py"
-    script.write_text(_DDP_SCRIPT)
     base = _config(dataset, tmp_path / "ddp", max_iters=4, checkpoint_every=4)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), json.dumps(base), str(tmp_path)], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = run_torchrun(base, tmp_path)
     # Each rank scored and trained on its own images, and every step applied the same averaged gradient.
     assert all(a != b for a, b in zip(r0["losses"], r1["losses"]))
     assert all(torch.equal(t, r1["state"][name]) for name, t in r0["state"].items())
-    records = _train_records(tmp_path / "ddp")
+    records = train_records(tmp_path / "ddp")
     assert [r["iter"] for r in records] == [1, 2, 3, 4] and all(r["loss_semantic"] > 0 for r in records)
