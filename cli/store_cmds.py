@@ -41,7 +41,9 @@ def info_cmd(store: StorePath, json_out: JsonOut = None) -> None:
     emb = attrs["encoding"].get("embedding")
     if emb:
         table.add_row("embedding", f"D={emb['dim']} {emb['dtype']}, logit_scale={emb['logit_scale']:.4g}, "
-                                   f"temperature={emb['temperature']:g}, text tower {json.dumps(emb['text_tower'])}")
+                                   f"temperature={emb['temperature']:g}, "
+                                   + (f"classifier head {json.dumps(emb['head'])}" if "head" in emb
+                                      else f"text tower {json.dumps(emb['text_tower'])}"))
     table.add_row("source", json.dumps(attrs.get("source", {}))[:300])
     table.add_row("shards", f"{info['shards']['done']} / {info['shards']['total']} done (files present; "
                   "`store verify` checks every chunk)")

@@ -47,6 +47,7 @@ from ..pipeline.shards import (
     source_stat,
 )
 from ..pipeline.teacher import GridCrops, Teacher, TeacherConfig, WholeImage, build_teacher
+from ..pipeline.teacher.classifier import label_map
 from ..workers import default_workers
 from ..pipeline.vocab import (
     HardLabeler,
@@ -59,6 +60,8 @@ from ..pipeline.vocab import (
 )
 from .shards import manifest_counts
 from ..store import (
+    CLASSIFIER_SPACE,
+    CLIP_SPACE,
     EMBED_DTYPES,
     ENCODINGS,
     REASON_CODES,
@@ -300,11 +303,15 @@ def expected_attributes(job: Job) -> dict[str, Any]:
     return expected
 
 
+def _is_classifier(teacher: Teacher) -> bool:
+    return getattr(teacher, "family", "clip") == "classifier"
+
+
 def _embedding_dim(teacher: Teacher) -> int:
-    """D of the teacher's joint image-text space (image and text embeddings share it)."""
-    if teacher.text_embeddings is None:  # a classifier teacher: fixed label space, no text tower to decode with
-        raise ConfigError(f"--encoding embedding|both needs a CLIP teacher (a joint image-text space); "
-                          f"{teacher.model_name} has no text tower: use --encoding topk")
+    """D of what the embedding encoding stores: the joint image-text space of a CLIP teacher, the penultimate
+    features of a classifier teacher."""
+    if _is_classifier(teacher):
+        return int(teacher.embedding_dim)
     return int(teacher.text_embeddings.shape[1])
 
 
@@ -321,14 +328,32 @@ def store_attrs_for_check(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def embedding_description(teacher: Teacher) -> dict[str, Any]:
     """What a reader needs to decode a store's embeddings: the logit scale and temperature of the teacher,
-    and the identity of its text tower (class text embeddings for any vocabulary must come from it)."""
+    and the identity of its text tower (class text embeddings for any vocabulary must come from it) or, for
+    a classifier teacher, of the classifier whose head the store keeps (``head/``)."""
+    if _is_classifier(teacher):
+        return {
+            "logit_scale": 1.0,
+            "temperature": teacher.temperature,
+            "space": CLASSIFIER_SPACE,
+            "normalised": "no: penultimate features (after global pooling, before dropout and the head), "
+                          "whose scale the head needs",
+            "decode": "softmax((e @ head/weight.T + head/bias) / temperature) over the label space, then "
+                      "head/label_map onto the vocabulary (unmapped label-space mass: residual)",
+            "head": teacher.head_identity(),
+        }
     return {
         "logit_scale": teacher.logit_scale,
         "temperature": teacher.temperature,
-        "space": "joint image-text (CLIP)",
+        "space": CLIP_SPACE,
         "text_tower": {"model": teacher.model_name, "weights_sha256": teacher.weights_id,
                        "weights_file": Path(teacher.weights_file).name if teacher.weights_file else None},
     }
+
+
+def classifier_head_arrays(teacher: Teacher) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A classifier teacher's head as the store keeps it: weight (L, D), bias (L,), label map (L,)."""
+    weight, bias = teacher.classifier_head()
+    return weight, bias, label_map(teacher.mapping, len(weight))
 
 
 def _round_up(n: int, multiple: int = 16) -> int:
@@ -373,7 +398,9 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
                     extra={"precompute": job.settings}, overwrite=cfg.overwrite,
                     text_embeddings=None if job.teacher.text_embeddings is None  # classifiers: no text tower
                     else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint),
-                    embedding=embedding_description(job.teacher) if embed else None)
+                    embedding=embedding_description(job.teacher) if embed else None,
+                    classifier_head=classifier_head_arrays(job.teacher)
+                    if embed and _is_classifier(job.teacher) else None)
             except StoreExistsError:
                 if cfg.overwrite or not path.exists():
                     raise
@@ -398,6 +425,9 @@ def check_existing(job: Job, full: bool) -> dict[str, Any]:
     problem = repair_text_embeddings(job, store)
     if problem:
         lines.append(f"text embeddings: {problem}; rewrote them")
+    problem = repair_classifier_head(job, store)
+    if problem:
+        lines.append(f"classifier head: {problem}; rewrote it")
     redo = {}
     for shard, why in damaged_shards(store.path, full=full).items():
         redo[shard] = why
@@ -424,6 +454,17 @@ def repair_text_embeddings(job: Job, store: LabelStore) -> str | None:
     problem = store.text_embeddings_problem(job.teacher.fingerprint["sha256"])
     if problem is not None:
         store.write_text_embeddings(job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint, overwrite=True)
+    return problem
+
+
+def repair_classifier_head(job: Job, store: LabelStore) -> str | None:
+    """Rewrite a classifier-feature store's head when it is absent or damaged; returns what was wrong, None
+    when it was sound (or the store keeps no head). The head is part of a complete store."""
+    if not store.layout.embed_dim or not _is_classifier(job.teacher):
+        return None
+    problem = store.classifier_head_problem()
+    if problem is not None:
+        store.write_classifier_head(*classifier_head_arrays(job.teacher), overwrite=True)
     return problem
 
 

@@ -2,9 +2,12 @@
 
 from .checks import check_compatible, damaged_shards, get_attr, store_bytes, store_info, store_stats, verify_store
 from .embedding import (
+    CLASSIFIER_SPACE,
+    CLIP_SPACE,
     EMBED_DTYPES,
     ENCODINGS,
     bytes_per_image,
+    decode_classifier,
     decode_embeddings,
     dequantise,
     int8_error_bound,
@@ -35,5 +38,6 @@ __all__ = [
     "StoreLayout", "StoreMismatchError", "check_compatible", "damaged_shards", "decode_topk", "encode_topk", "get_attr",
     "is_label_store", "kl_divergence", "residual_mass", "store_bytes", "store_info", "store_stats",
     "verify_store", "vocabulary_sha256",
-    "EMBED_DTYPES", "ENCODINGS", "bytes_per_image", "decode_embeddings", "dequantise", "int8_error_bound", "quantise",
+    "CLASSIFIER_SPACE", "CLIP_SPACE", "EMBED_DTYPES", "ENCODINGS", "bytes_per_image", "decode_classifier",
+    "decode_embeddings", "dequantise", "int8_error_bound", "quantise",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .embedding import decode_embeddings, dequantise
+from .embedding import decode_classifier, decode_embeddings, dequantise
 from .integrity import ArrayFiles, array_problems
 from .labelstore import LabelStore
 from .schema import (
@@ -157,6 +157,11 @@ def _runs(items: list[int], limit: int) -> list[tuple[int, int]]:
     return runs
 
 
+def is_classifier_space(store: LabelStore) -> bool:
+    """Whether the store's embeddings are classifier features (decoded by its stored head)."""
+    return "head" in store.attrs.get("encoding", {}).get("embedding", {})
+
+
 def _check_rows(store: LabelStore, start: int, stop: int, num_rows: np.ndarray, problems: list[str]) -> None:
     """Row-level consistency of shards [start, stop) (their files already passed the integrity check)."""
     g, lay = store.group, store.layout
@@ -180,7 +185,8 @@ def _check_rows(store: LabelStore, start: int, stop: int, num_rows: np.ndarray, 
                                           g["labels/prob"][lo:hi][done].astype(np.float32), rows, lay.num_classes)
         if lay.embed_dim:
             scale = g["labels/embedding_scale"][lo:hi][done] if lay.embed_dtype == "int8" else None
-            problems += _verify_embedding_rows(g["labels/embedding"][lo:hi][done], scale, rows)
+            problems += _verify_embedding_rows(g["labels/embedding"][lo:hi][done], scale, rows,
+                                               unit=not is_classifier_space(store))
         for r in rows[(hard[done] < -1) | (hard[done] >= lay.num_classes)][:5]:
             problems.append(f"row {r}: hard label out of range")
     failed = status == STATUS_FAILED
@@ -231,8 +237,12 @@ def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
             get_attr(store.attrs, dotted)
         except KeyError:
             problems.append(f"attribute {dotted} is absent")
-    if lay.embed_dim and store.attrs.get("encoding", {}).get("embedding", {}).get("dim") != lay.embed_dim:
-        problems.append("encoding.embedding.dim differs from layout.embed_dim")
+    if lay.embed_dim:
+        emb = store.attrs.get("encoding", {}).get("embedding", {})
+        if emb.get("dim") != lay.embed_dim:
+            problems.append("encoding.embedding.dim differs from layout.embed_dim")
+        if ("text_tower" in emb) == ("head" in emb):
+            problems.append("encoding.embedding names neither a text tower nor a classifier head (or both)")
     try:
         if len(get_attr(store.attrs, "grid.boxes")) != lay.num_crops:
             problems.append("grid.boxes does not have layout.num_crops boxes")
@@ -253,6 +263,28 @@ def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
     if "objects" in g:
         problems.extend(_verify_objects(store))
     problems.extend(_verify_text(store))
+    if lay.embed_dim and is_classifier_space(store):
+        problems.extend(_verify_head(store))
+    return problems
+
+
+def _verify_head(store: LabelStore) -> list[str]:
+    """A classifier-feature store's head: every array intact, shapes consistent, bytes = recorded SHA-256."""
+    problems: list[str] = []
+    if "head" in store.group:
+        for name in ("weight", "bias", "label_map"):
+            if name in store.group["head"]:
+                problems += array_problems(store.path / "head" / name)[0]
+    problem = store.classifier_head_problem()
+    if problem is not None:
+        return problems or [f"classifier head: {problem}"]
+    weight, bias, label_map = store.classifier_head()
+    if weight.shape[1] != store.layout.embed_dim or len(bias) != len(weight) or len(label_map) != len(weight):
+        problems.append(f"classifier head: weight {weight.shape}, bias {bias.shape} and label map "
+                        f"{label_map.shape} do not fit D={store.layout.embed_dim}")
+    size = store.attrs["encoding"]["embedding"]["head"].get("label_space_size")
+    if size is not None and size != len(weight):
+        problems.append(f"classifier head: {len(weight)} classes, the recorded label space has {size}")
     return problems
 
 
@@ -281,9 +313,11 @@ def _verify_objects(store: LabelStore) -> list[str]:
             problems.append("objects: negative or non-finite probabilities, or sums above 1 + 1e-3")
     if lay.embed_dim:
         oscale = g["objects/embedding_scale"][:][odone] if lay.embed_dtype == "int8" else None
+        unit = not is_classifier_space(store)
         if _verify_embedding_rows(g["objects/embedding"][:][odone][:, None],
-                                  None if oscale is None else oscale[:, None], np.nonzero(odone)[0]):
-            problems.append("objects: embeddings of done rows are not unit vectors (or their scales are bad)")
+                                  None if oscale is None else oscale[:, None], np.nonzero(odone)[0], unit=unit):
+            problems.append("objects: embeddings of done rows are " + ("not unit vectors" if unit else "not finite")
+                            + " (or their scales are bad)")
     if not np.isfinite(g["objects/box"][:][odone]).all():
         problems.append("objects: non-finite boxes in done rows")
     if (g["objects/ann_id"][:][odone] < 0).any():
@@ -325,11 +359,14 @@ def _verify_topk_rows(idx: np.ndarray, pr: np.ndarray, rows: np.ndarray, num_cla
     return problems
 
 
-def _verify_embedding_rows(codes: np.ndarray, scale: np.ndarray | None, rows: np.ndarray) -> list[str]:
+def _verify_embedding_rows(codes: np.ndarray, scale: np.ndarray | None, rows: np.ndarray,
+                           unit: bool = True) -> list[str]:
     """Problems of done embedding rows: codes (n, K, D), scale (n, K) or None (float16), rows (n,).
 
-    Every stored crop embedding was unit-norm before quantisation, so its reconstruction must be within the
-    quantisation error of norm 1 (half a step per element: sqrt(D) * scale / 2), float16 within 1e-2."""
+    ``unit`` (CLIP embeddings): every stored crop embedding was unit-norm before quantisation, so its
+    reconstruction must be within the quantisation error of norm 1 (half a step per element:
+    sqrt(D) * scale / 2), float16 within 1e-2. Classifier features have no fixed norm: only finite values and
+    sound scales are checked."""
     problems = []
     if scale is not None:
         s32 = scale.astype(np.float32)
@@ -339,6 +376,10 @@ def _verify_embedding_rows(codes: np.ndarray, scale: np.ndarray | None, rows: np
     else:
         tol = 1e-2
     norm = np.linalg.norm(dequantise(codes, scale), axis=-1)
+    if not unit:
+        for r in rows[(~np.isfinite(norm)).any(axis=1)][:5]:
+            problems.append(f"row {r}: a crop embedding is not finite")
+        return problems
     for r in rows[(~np.isfinite(norm) | (np.abs(norm - 1) > tol)).any(axis=1)][:5]:
         problems.append(f"row {r}: a crop embedding is not a unit vector (norm off by more than its quantisation)")
     return problems
@@ -392,7 +433,8 @@ def store_stats(path: str | Path, top: int = 10, max_rows: int = 200_000) -> dic
 
 def _embedding_stats(store: LabelStore, sample: np.ndarray, top: int) -> dict[str, Any]:
     """Embedding rows: norm of the reconstruction, quantisation step, and (decoded with the store's own
-    class text embeddings at its logit scale and temperature) entropy and top-1 classes of the whole image."""
+    class text embeddings at its logit scale and temperature, or its classifier head at its temperature)
+    entropy and top-1 classes of the whole image."""
     lay = store.layout
     sel = (sample, slice(None), slice(None))
     codes = store.group["labels/embedding"].get_orthogonal_selection(sel)
@@ -403,11 +445,16 @@ def _embedding_stats(store: LabelStore, sample: np.ndarray, top: int) -> dict[st
                            "mean_embedding_norm": float(np.linalg.norm(emb, axis=-1).mean())}
     if scale is not None:
         out["mean_quantisation_step"] = float(scale.astype(np.float32).mean())
-    if "text" in store.group and "embeddings" in store.group["text"]:
-        attrs = store.attrs["encoding"]["embedding"]
-        text = store.group["text/embeddings"][:].astype(np.float32)
+    attrs = store.attrs["encoding"]["embedding"]
+    probs = None
+    if is_classifier_space(store) and store.classifier_head_problem() is None:
+        weight, bias, label_map = store.classifier_head()
         # crop 0 is the whole image in every named grid
+        probs = decode_classifier(emb[:, 0], weight, bias, attrs["temperature"], label_map, lay.num_classes)
+    elif "text" in store.group and "embeddings" in store.group["text"]:
+        text = store.group["text/embeddings"][:].astype(np.float32)
         probs = decode_embeddings(emb[:, 0], text, attrs["logit_scale"], attrs["temperature"])
+    if probs is not None:
         out["embedding_mean_entropy_nats"] = float(-(probs * np.log(np.maximum(probs, 1e-30))).sum(-1).mean())
         top1 = probs.argmax(-1)
         classes, counts = np.unique(top1, return_counts=True)

@@ -1,9 +1,19 @@
-"""Embedding encoding of soft labels: each crop's L2-normalised teacher image embedding, quantised.
+"""Embedding encoding of soft labels: each crop's teacher embedding, quantised.
 
-A top-k row is tied to one vocabulary, prompt set and temperature; an embedding row is not. Any set of
-class text embeddings ``T`` (C, D) from the same teacher turns it back into a distribution::
+A top-k row is tied to one vocabulary, prompt set and temperature; an embedding row is not. Two spaces:
 
-    p = softmax(logit_scale * (e @ T.T) / temperature)
+* CLIP teachers (``space`` :data:`CLIP_SPACE`): the L2-normalised image embedding; any set of class text
+  embeddings ``T`` (C, D) from the same teacher turns it back into a distribution::
+
+      p = softmax(logit_scale * (e @ T.T) / temperature)
+
+* classifier teachers (``space`` :data:`CLASSIFIER_SPACE`): the penultimate feature, *not* normalised (the
+  head needs its scale); the store keeps the head (``W`` (L, D), ``b`` (L,), float32) and the label map
+  (L,) (vocabulary index of each label-space class, -1: unmapped)::
+
+      p_label = softmax((e @ W.T + b) / temperature),   p[c] = sum of p_label over the classes mapped to c
+
+  (:func:`decode_classifier`); the mass of unmapped label-space classes is the residual, as in top-k rows.
 
 ``int8``: one float16 scale per row (``max |e| / 127``, rounded *up* to float16 before quantising, so that
 reader and writer agree on it and no code leaves [-127, 127]) and ``round(e / scale)``; the reconstruction
@@ -20,6 +30,8 @@ import numpy as np
 from .schema import StoreError
 
 EMBED_DTYPES = ("int8", "float16")
+CLIP_SPACE = "joint image-text (CLIP)"
+CLASSIFIER_SPACE = "classifier features"
 ENCODINGS = ("topk", "embedding", "both")
 INT8_MAX = 127
 
@@ -65,6 +77,34 @@ def decode_embeddings(embeddings: np.ndarray, text: np.ndarray, logit_scale: flo
     logits -= logits.max(axis=-1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=-1, keepdims=True)
+
+
+def decode_classifier(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarray, temperature: float = 1.0,
+                      label_map: np.ndarray | None = None, num_classes: int | None = None) -> np.ndarray:
+    """Reference decoder (numpy, float32) of classifier features: (..., D) features, head ``weight`` (L, D)
+    and ``bias`` (L,) -> (..., L) label-space probabilities ``softmax((e @ W.T + b) / temperature)``, or with
+    ``label_map`` (L,) int (-1: unmapped) -> (..., num_classes) probabilities summed onto the vocabulary."""
+    logits = (np.asarray(embeddings, np.float32) @ np.asarray(weight, np.float32).T
+              + np.asarray(bias, np.float32)) / np.float32(temperature)
+    logits -= logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=-1, keepdims=True)
+    if label_map is None:
+        return p
+    return p @ label_map_matrix(label_map, num_classes)
+
+
+def label_map_matrix(label_map: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """(L,) vocabulary index per label-space class (-1: unmapped) -> (L, C) float32 0/1 matrix."""
+    label_map = np.asarray(label_map, np.int64)
+    if num_classes is None:
+        raise StoreError("a label map needs the number of vocabulary classes")
+    if (label_map >= num_classes).any():
+        raise StoreError(f"label map points past the vocabulary's {num_classes} classes")
+    matrix = np.zeros((len(label_map), num_classes), np.float32)
+    rows = np.flatnonzero(label_map >= 0)
+    matrix[rows, label_map[rows]] = 1.0
+    return matrix
 
 
 def bytes_per_image(num_crops: int, dim: int, dtype: str) -> int:

@@ -234,6 +234,7 @@ class LabelStore:
         overwrite: bool = False,
         text_embeddings: tuple[np.ndarray, dict[str, Any]] | None = None,
         embedding: dict[str, Any] | None = None,
+        classifier_head: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> "LabelStore":
         """Create an empty store (with the teacher's ``text_embeddings``, (C, D) and their fingerprint,
         when given). An existing store is replaced only with ``overwrite=True``; a non-empty directory that
@@ -244,12 +245,17 @@ class LabelStore:
         gets :class:`StoreExistsError` (then open the winner's store).
 
         ``embedding`` (required when ``layout.embed_dim`` > 0) describes how to decode the embeddings:
-        ``logit_scale``, ``temperature`` (the teacher's), ``space`` and ``text_tower`` (the identity of
-        the text encoder whose class embeddings a reader must use: model and weights)."""
+        ``logit_scale``, ``temperature`` (the teacher's), ``space`` and either ``text_tower`` (CLIP: the
+        identity of the text encoder whose class embeddings a reader must use: model and weights) or
+        ``head`` (classifier features: the identity of the classifier whose head the store keeps). A
+        ``head`` store needs ``classifier_head``: weight (L, D), bias (L,) and label map (L,) (see
+        :meth:`write_classifier_head`), written inside the atomic creation."""
         path = Path(path)
         if layout.embed_dim and not embedding:
             raise StoreError("an embedding layout needs the embedding description (logit_scale, temperature, "
-                             "text_tower)")
+                             "text_tower or head)")
+        if layout.embed_dim and "head" in embedding and classifier_head is None:
+            raise StoreError("an embedding store of classifier features needs the classifier head")
         if residual not in RESIDUAL_POLICIES:
             raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
         boxes = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
@@ -271,6 +277,8 @@ class LabelStore:
                                residual=residual, source=source, extra=extra, embedding=embedding)
             if text_embeddings is not None:
                 store.write_text_embeddings(*text_embeddings)
+            if classifier_head is not None:
+                store.write_classifier_head(*classifier_head)
             _move_into_place(build, path, replace)
         finally:
             if build.exists():
@@ -611,7 +619,61 @@ class LabelStore:
         return None
 
 
+    # ------------------------------------------------------------------ classifier head
+    def write_classifier_head(self, weight: np.ndarray, bias: np.ndarray, label_map: np.ndarray,
+                              overwrite: bool = False) -> None:
+        """Store a classifier teacher's head, which decodes its stored features: ``head/weight`` (L, D) and
+        ``head/bias`` (L,) float32, ``head/label_map`` (L,) int32 (the vocabulary index of each label-space
+        class, -1 unmapped), each with the SHA-256 of its bytes (a lost or partial write is detected). A
+        sound head is kept unless ``overwrite``."""
+        self._require_writable()
+        arrays = {"weight": np.ascontiguousarray(weight, dtype=np.float32),
+                  "bias": np.ascontiguousarray(bias, dtype=np.float32),
+                  "label_map": np.ascontiguousarray(label_map, dtype=np.int32)}
+        num_labels = arrays["bias"].shape[0] if arrays["bias"].ndim == 1 else -1
+        if arrays["weight"].shape != (num_labels, self.layout.embed_dim) or arrays["label_map"].shape != (num_labels,):
+            raise StoreError(f"classifier head must be weight (L, {self.layout.embed_dim}), bias (L,) and label map "
+                             f"(L,); got {arrays['weight'].shape}, {arrays['bias'].shape}, {arrays['label_map'].shape}")
+        lm = arrays["label_map"]
+        if ((lm < -1) | (lm >= self.layout.num_classes)).any():
+            raise StoreError(f"classifier head label map must hold -1 or a class index < {self.layout.num_classes}")
+        if "head" in self.group:
+            if self.classifier_head_problem() is None and not overwrite:
+                return
+            del self.group["head"]
+        head = self.group.require_group("head")
+        for name, value in arrays.items():
+            arr = head.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape,
+                                    compressors=[CHECKSUM],
+                                    attributes={"sha256": hashlib.sha256(value.tobytes()).hexdigest()})
+            arr[:] = value
+
+    def classifier_head_problem(self) -> str | None:
+        """Why the stored classifier head cannot be used, or None when it is sound: an array absent,
+        unreadable (checksum) or not matching its recorded SHA-256 (a write cut short)."""
+        for name in HEAD_ARRAYS:
+            if "head" not in self.group or name not in self.group["head"]:
+                return f"head/{name} is absent"
+            arr = self.group[f"head/{name}"]
+            try:
+                data = np.ascontiguousarray(arr[:])
+            except ValueError as exc:  # zarr's crc32c mismatch
+                return f"head/{name} is unreadable ({str(exc).splitlines()[0]})"
+            if hashlib.sha256(data.tobytes()).hexdigest() != dict(arr.attrs).get("sha256"):
+                return f"head/{name} does not match its recorded sha256 (lost or partial write)"
+        return None
+
+    def classifier_head(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(weight (L, D) float32, bias (L,) float32, label map (L,) int32); StoreError when damaged."""
+        problem = self.classifier_head_problem()
+        if problem is not None:
+            raise StoreError(f"{self.path}: classifier head: {problem}; rerun precompute (it rewrites the head) "
+                             "or run `lt-distill store verify`")
+        return tuple(self.group[f"head/{name}"][:] for name in HEAD_ARRAYS)  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------------------------- encodings
+HEAD_ARRAYS = ("weight", "bias", "label_map")
 LABEL_ARRAYS = ("index", "prob", "embedding", "embedding_scale")
 LABEL_FILL = {"index": -1, "prob": 0, "embedding": 0, "embedding_scale": 0}
 
@@ -624,9 +686,11 @@ def _encoding_attrs(layout: StoreLayout, residual: str, embedding: dict[str, Any
                       "probabilities": "teacher probabilities of the k kept classes, descending, not renormalised"})
     if layout.embed_dim:
         emb = dict(embedding or {})
-        for name in ("logit_scale", "temperature", "text_tower"):
+        for name in ("logit_scale", "temperature"):
             if name not in emb:
                 raise StoreError(f"embedding description lacks {name!r}")
+        if ("text_tower" in emb) == ("head" in emb):
+            raise StoreError("embedding description needs exactly one of 'text_tower' (CLIP) or 'head' (classifier)")
         attrs["embedding"] = {
             "dim": layout.embed_dim,
             "dtype": layout.embed_dtype,

@@ -23,7 +23,7 @@ from numcodecs import blosc
 
 from .integrity import ArrayFiles
 from .labelstore import LabelStore
-from .embedding import decode_embeddings, dequantise
+from .embedding import decode_classifier, decode_embeddings, dequantise
 from .schema import STATUS_DONE, StoreError, row_arrays
 from .topk import decode_topk, encode_topk
 
@@ -338,18 +338,24 @@ class LabelReader:
     def top_labels(self, shard: int, position: int, k: int = 16) -> tuple[np.ndarray, np.ndarray, bool]:
         """Like :meth:`labels` for any encoding (for looking at a store, not for training): an embedding-only
         store's rows are decoded with its own class text embeddings at its teacher's logit scale and
-        temperature, and their top ``k`` kept."""
+        temperature (classifier features: its head and label map), and their top ``k`` kept."""
         if self.layout.topk:
             return self.labels(shard, position)
         codes, scale, valid = self.embeddings(shard, position)
         attrs = self.embedding_attrs()
-        text = np.asarray(self.text_embeddings(), dtype=np.float32)
-        probs = decode_embeddings(dequantise(codes, scale), text, attrs["logit_scale"], attrs["temperature"])
+        if "head" in attrs:
+            weight, bias, label_map = self.classifier_head()
+            probs = decode_classifier(dequantise(codes, scale), weight, bias, attrs["temperature"], label_map,
+                                      self.layout.num_classes)
+        else:
+            text = np.asarray(self.text_embeddings(), dtype=np.float32)
+            probs = decode_embeddings(dequantise(codes, scale), text, attrs["logit_scale"], attrs["temperature"])
         index, prob = encode_topk(probs, min(k, probs.shape[-1]))
         return index, prob, valid
 
     def embedding_attrs(self) -> dict[str, Any]:
-        """The store's ``encoding.embedding`` attributes (dim, dtype, logit_scale, temperature, text_tower)."""
+        """The store's ``encoding.embedding`` attributes (dim, dtype, logit_scale, temperature, and text_tower
+        (CLIP) or head (classifier features))."""
         if not self.layout.embed_dim:
             raise StoreError(f"{self.path} holds no embeddings (encoding {self.layout.encoding})")
         return dict(self.attrs["encoding"]["embedding"])
@@ -422,6 +428,12 @@ class LabelReader:
         if "text" not in self._store.group or "embeddings" not in self._store.group["text"]:
             raise StoreError(f"{self.path} holds no text embeddings")
         return self._store.group["text/embeddings"][:]
+
+    def classifier_head(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A classifier-feature store's head: weight (L, D) float32, bias (L,) float32, label map (L,) int32
+        (store vocabulary index of each label-space class, -1 unmapped); checked against its SHA-256."""
+        self._ensure_open()
+        return self._store.classifier_head()
 
     def text_fingerprint(self) -> dict[str, Any]:
         self._ensure_open()

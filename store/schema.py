@@ -91,8 +91,10 @@ REQUIRED_ATTRS = (
 )
 # ... and those of each encoding (a store without ``encoding.kind`` predates the embedding encoding: top-k).
 REQUIRED_TOPK_ATTRS = ("encoding.index_dtype", "encoding.prob_dtype", "encoding.residual")
+# Besides these, an embedding store names whose embeddings they are: encoding.embedding.text_tower (CLIP) or
+# encoding.embedding.head (classifier features).
 REQUIRED_EMBEDDING_ATTRS = ("encoding.embedding.dim", "encoding.embedding.dtype", "encoding.embedding.logit_scale",
-                            "encoding.embedding.temperature", "encoding.embedding.text_tower")
+                            "encoding.embedding.temperature")
 
 
 class StoreError(LtDistillError):

@@ -1,15 +1,18 @@
 """Classifier teachers: an image classifier with a fixed label space (the FKD / ReLabel setting).
 
-Same crops, engines and provenance as the CLIP teacher (:class:`~.model.Teacher`); the soft label of a
-crop is ``softmax(logits / temperature)`` over the classifier's label space (ImageNet-1k), or, with a
-vocabulary other than the label space, that distribution mapped onto the vocabulary through WordNet
-ids (a label-space class goes to the vocabulary class with the same WordNet id; the mass of label-space
-classes that no vocabulary class has is left out, so it is the stored residual).
+Same crops, engines and provenance as the CLIP teacher (:class:`~.model.Teacher`). A crop's *feature* is
+the classifier's penultimate vector (after global pooling, before dropout and the classifier head; 1280-d
+for EfficientNet-Lite0, not normalised); its soft label is ``softmax((f @ W.T + b) / temperature)`` over the
+classifier's label space (ImageNet-1k), or, with a vocabulary other than the label space, that distribution
+mapped onto the vocabulary through WordNet ids (a label-space class goes to the vocabulary class with the
+same WordNet id; the mass of label-space classes that no vocabulary class has is left out, so it is the
+stored residual). The store's embedding encoding keeps the features and the head (``W``, ``b``), so a
+reader can apply any temperature and map onto any vocabulary with WordNet ids.
 
 * crops: each box is cut and resized to the input size (:func:`.preprocess.crop_and_resize` with
   ``preprocess``: antialiased bilinear, squashed to the square), one forward per box;
 * pooled (ReLabel's label-map path): one forward of the whole image at ``pooled_size``, RoIAlign of
-  every box on the last feature map (input_size / 32 square), global average pool, the classifier head.
+  every box on the last feature map (input_size / 32 square), global average pool.
 
 The architectures are timm models (:data:`CLASSIFIER_MODELS`). EfficientNet-Lite0 is timm's
 ``tf_efficientnet_lite0`` (TensorFlow "same" padding: the published weights were trained with it; timm's
@@ -166,15 +169,25 @@ def label_space_mapping(label_space: Vocabulary, vocabulary: Vocabulary) -> torc
     return matrix
 
 
-class LogitsHead(torch.nn.Module):
-    """Normalised (N, 3, S, S) crops -> (N, L) float32 logits over the label space."""
+def label_map(mapping: torch.Tensor | None, num_labels: int) -> np.ndarray:
+    """(L,) int32: the vocabulary index each label-space class goes to (-1: unmapped), from a 0/1 mapping
+    matrix (None: the identity)."""
+    if mapping is None:
+        return np.arange(num_labels, dtype=np.int32)
+    m = mapping.detach().cpu()
+    return np.where(m.sum(1) > 0, m.argmax(1).numpy(), -1).astype(np.int32)
+
+
+class PenultimateFeatures(torch.nn.Module):
+    """Normalised (N, 3, S, S) crops -> (N, F) float32 penultimate features (global pool, before dropout and
+    the classifier head)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float()
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True).float()
 
 
 class FeatureTrunk(torch.nn.Module):
@@ -193,8 +206,9 @@ class ClassifierTeacher:
 
     Public attributes: ``vocabulary`` (the classes of its soft labels), ``label_space`` (the classifier's
     own classes), ``mapping`` ((L, C) or None), ``input_size``, ``pooled_size``, ``roi_size``,
-    ``temperature``, ``fingerprint``; ``text_embeddings`` is None (no text tower). Images are uint8: (H, W, 3)
-    arrays or (3, H, W) tensors for single images, (N, 3, S, S) tensors for batches."""
+    ``temperature``, ``fingerprint``, ``embedding_dim`` (F, the penultimate width); ``text_embeddings`` is
+    None (no text tower). Images are uint8: (H, W, 3) arrays or (3, H, W) tensors for single images,
+    (N, 3, S, S) tensors for batches."""
 
     family = "classifier"
     supports_pooled = True
@@ -239,8 +253,10 @@ class ClassifierTeacher:
                                f"{spec.label_space} {len(label_space)} classes")
         mapping = label_space_mapping(label_space, vocabulary)
         self.mapping = mapping.to(self.device) if mapping is not None else None
+        self.head = self.model.get_classifier()
+        self.embedding_dim = int(self.head.in_features)
         self.fingerprint = self._fingerprint()
-        self._modules = {"crops": LogitsHead(self.model), "pooled": FeatureTrunk(self.model)}
+        self._modules = {"crops": PenultimateFeatures(self.model), "pooled": FeatureTrunk(self.model)}
         self._engines: dict[str, Engine] = {}
 
     # ------------------------------------------------------------------ provenance
@@ -291,6 +307,19 @@ class ClassifierTeacher:
             "torch_version": torch.__version__,
         }
 
+    def classifier_head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The head as the embedding encoding stores it: weight (L, F) and bias (L,), float32."""
+        return (self.head.weight.detach().float().cpu().numpy().copy(),
+                self.head.bias.detach().float().cpu().numpy().copy())
+
+    def head_identity(self) -> dict[str, Any]:
+        """Whose head it is: model, weights SHA-256 and label space (what a store's head must come from)."""
+        return {"family": self.family, "model": self.model_name, "architecture": self.spec.timm_name,
+                "weights_sha256": self.weights_id,
+                "weights_file": Path(self.weights_file).name if self.weights_file else None,
+                "label_space": self.spec.label_space, "label_space_size": len(self.label_space),
+                "label_space_sha256": self.label_space.sha256}
+
     # ------------------------------------------------------------------ engines
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -312,30 +341,35 @@ class ClassifierTeacher:
         gen = torch.Generator().manual_seed(1234)
         calib = torch.randint(0, 256, (rows, 3, size, size), generator=gen, dtype=torch.uint8)
         example = self.normalize(calib.to(self.device))
-        # Compared on label-space probabilities: logits have no fixed scale, probabilities do.
+        # Compared on label-space probabilities: features and logits have no fixed scale, probabilities do.
         if mode == "crops":
-            def metric(logits: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(logits.float(), dim=-1)
+            def metric(feats: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(self.logits(feats), dim=-1)
         else:
             whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=self.device).expand(rows, 1, 4)
 
             def metric(fmap: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(self._pool_rois(fmap, whole, size).reshape(rows, -1), dim=-1)
+                return torch.softmax(self.logits(self._pool_rois(fmap, whole, size).reshape(rows, -1)), dim=-1)
         key = {"family": self.family, "model": self.model_name, "weights": self.weights_id, "mode": mode}
         return build_engine(module, self.requested_engine, example, device=self.device, precision=self.precision,
                             parity=ParityCheck(metric, PARITY_TOLERANCE[self.precision]),
                             cache_dir=self.engine_cache, cache_key=key)
 
     # ------------------------------------------------------------------ scoring
-    def probs_from_features(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., L) label-space logits -> (..., C) float32 soft labels over the vocabulary (mapped ones sum
+    @torch.no_grad()
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """(..., F) penultimate features -> (..., L) float32 label-space logits (the classifier head, fp32)."""
+        return torch.nn.functional.linear(feats.float(), self.head.weight.float(), self.head.bias.float())
+
+    def probs_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(..., F) penultimate features -> (..., C) float32 soft labels over the vocabulary (mapped ones sum
         to the mapped mass, <= 1)."""
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        probs = torch.softmax(self.logits(feats) / self.temperature, dim=-1)
         return probs if self.mapping is None else probs @ self.mapping
 
     @torch.no_grad()
     def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) uint8 crops (S = ``input_size``) -> (N, L) label-space logits on ``device``."""
+        """(N, 3, S, S) uint8 crops (S = ``input_size``) -> (N, F) penultimate features on ``device``."""
         if crops.ndim != 4 or crops.shape[1:] != (3, self.input_size, self.input_size):
             raise TeacherError(f"crops must be (N, 3, {self.input_size}, {self.input_size}) uint8, "
                                f"got {tuple(crops.shape)}")
@@ -350,20 +384,19 @@ class ClassifierTeacher:
         return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
 
     def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input), average pool, classifier
-        head -> (B, K, L) logits."""
+        """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input), average pool -> (B, K, F)
+        penultimate features."""
         b, k = boxes.shape[:2]
         batch_idx = torch.arange(b, device=fmap.device, dtype=fmap.dtype).repeat_interleave(k)[:, None]
         rois = torch.cat([batch_idx, boxes.reshape(-1, 4).to(fmap) * size], dim=1)
         pooled = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=fmap.shape[-1] / size,
                            sampling_ratio=-1, aligned=True)
-        logits = self.model.get_classifier()(pooled.mean(dim=(2, 3)))
-        return logits.float().view(b, k, -1)
+        return pooled.mean(dim=(2, 3)).float().view(b, k, -1)
 
     @torch.no_grad()
     def pooled_features(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, 3, P, P) uint8 whole images (P = ``pooled_size``) and normalised xyxy boxes (B, K, 4) or (K, 4)
-        -> (B, K, L) label-space logits on ``device``."""
+        -> (B, K, F) penultimate features on ``device``."""
         p = self.pooled_size
         if images.ndim != 4 or images.shape[1:] != (3, p, p):
             raise TeacherError(f"pooled images must be (B, 3, {p}, {p}) uint8, got {tuple(images.shape)}")
