@@ -292,6 +292,8 @@ def expected_attributes(job: Job) -> dict[str, Any]:
         expected["encoding.residual"] = job.cfg.residual
     if job.cfg.encoding != "topk":
         expected["layout.embed_dim"] = _embedding_dim(job.teacher)
+        if _is_classifier(job.teacher):
+            expected["encoding.embedding.residual"] = job.cfg.residual
         expected["layout.embed_dtype"] = job.cfg.embed_dtype
     for field in ("model", "weights_sha256", "mode", "engine", "precision", "input_size", "preprocess", "pooled_size",
                   "temperature", "prompt_templates", "synonyms", "text_fingerprint"):
@@ -326,19 +328,21 @@ def store_attrs_for_check(attrs: dict[str, Any]) -> dict[str, Any]:
     return {**attrs, "encoding": encoding}
 
 
-def embedding_description(teacher: Teacher) -> dict[str, Any]:
+def embedding_description(teacher: Teacher, residual: str = "spread") -> dict[str, Any]:
     """What a reader needs to decode a store's embeddings: the logit scale and temperature of the teacher,
     and the identity of its text tower (class text embeddings for any vocabulary must come from it) or, for
-    a classifier teacher, of the classifier whose head the store keeps (``head/``)."""
+    a classifier teacher, of the classifier whose head the store keeps (``head/``) and the ``residual``
+    policy for the mass of label-space classes that the vocabulary does not have."""
     if _is_classifier(teacher):
         return {
+            "residual": residual,
             "logit_scale": 1.0,
             "temperature": teacher.temperature,
             "space": CLASSIFIER_SPACE,
             "normalised": "no: penultimate features (after global pooling, before dropout and the head), "
                           "whose scale the head needs",
             "decode": "softmax((e @ head/weight.T + head/bias) / temperature) over the label space, then "
-                      "head/label_map onto the vocabulary (unmapped label-space mass: residual)",
+                      "head/label_map onto the vocabulary (the unmapped label-space mass by the residual policy)",
             "head": teacher.head_identity(),
         }
     return {
@@ -398,7 +402,7 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
                     extra={"precompute": job.settings}, overwrite=cfg.overwrite,
                     text_embeddings=None if job.teacher.text_embeddings is None  # classifiers: no text tower
                     else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint),
-                    embedding=embedding_description(job.teacher) if embed else None,
+                    embedding=embedding_description(job.teacher, cfg.residual) if embed else None,
                     classifier_head=classifier_head_arrays(job.teacher)
                     if embed and _is_classifier(job.teacher) else None)
             except StoreExistsError:

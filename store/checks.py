@@ -450,7 +450,8 @@ def _embedding_stats(store: LabelStore, sample: np.ndarray, top: int) -> dict[st
     if is_classifier_space(store) and store.classifier_head_problem() is None:
         weight, bias, label_map = store.classifier_head()
         # crop 0 is the whole image in every named grid
-        probs = decode_classifier(emb[:, 0], weight, bias, attrs["temperature"], label_map, lay.num_classes)
+        probs = decode_classifier(emb[:, 0], weight, bias, attrs["temperature"], label_map, lay.num_classes,
+                                  attrs.get("residual"))
     elif "text" in store.group and "embeddings" in store.group["text"]:
         text = store.group["text/embeddings"][:].astype(np.float32)
         probs = decode_embeddings(emb[:, 0], text, attrs["logit_scale"], attrs["temperature"])

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schema import StoreError
+from .schema import RESIDUAL_POLICIES, StoreError
 
 EMBED_DTYPES = ("int8", "float16")
 CLIP_SPACE = "joint image-text (CLIP)"
@@ -79,11 +79,27 @@ def decode_embeddings(embeddings: np.ndarray, text: np.ndarray, logit_scale: flo
     return p / p.sum(axis=-1, keepdims=True)
 
 
+def apply_residual(probs: np.ndarray, residual: str | None) -> np.ndarray:
+    """(..., C) mapped probabilities summing to the mapped mass m <= 1 -> with the residual 1 - m handled by
+    ``residual``: None leaves it out, ``spread`` adds (1 - m) / C to every class, ``renormalise`` divides
+    by m (as the top-k decoder's policies, the vocabulary's C classes all being present)."""
+    if residual is None:
+        return probs
+    if residual not in RESIDUAL_POLICIES:
+        raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
+    mass = probs.sum(axis=-1, keepdims=True)
+    if residual == "renormalise":
+        return probs / np.maximum(mass, 1e-12)
+    return probs + np.clip(1 - mass, 0, None) / probs.shape[-1]
+
+
 def decode_classifier(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarray, temperature: float = 1.0,
-                      label_map: np.ndarray | None = None, num_classes: int | None = None) -> np.ndarray:
+                      label_map: np.ndarray | None = None, num_classes: int | None = None,
+                      residual: str | None = None) -> np.ndarray:
     """Reference decoder (numpy, float32) of classifier features: (..., D) features, head ``weight`` (L, D)
     and ``bias`` (L,) -> (..., L) label-space probabilities ``softmax((e @ W.T + b) / temperature)``, or with
-    ``label_map`` (L,) int (-1: unmapped) -> (..., num_classes) probabilities summed onto the vocabulary."""
+    ``label_map`` (L,) int (-1: unmapped) -> (..., num_classes) probabilities summed onto the vocabulary,
+    the unmapped mass handled by ``residual`` (:func:`apply_residual`)."""
     logits = (np.asarray(embeddings, np.float32) @ np.asarray(weight, np.float32).T
               + np.asarray(bias, np.float32)) / np.float32(temperature)
     logits -= logits.max(axis=-1, keepdims=True)
@@ -91,7 +107,7 @@ def decode_classifier(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarr
     p /= p.sum(axis=-1, keepdims=True)
     if label_map is None:
         return p
-    return p @ label_map_matrix(label_map, num_classes)
+    return apply_residual(p @ label_map_matrix(label_map, num_classes), residual)
 
 
 def label_map_matrix(label_map: np.ndarray, num_classes: int | None) -> np.ndarray:

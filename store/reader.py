@@ -346,7 +346,7 @@ class LabelReader:
         if "head" in attrs:
             weight, bias, label_map = self.classifier_head()
             probs = decode_classifier(dequantise(codes, scale), weight, bias, attrs["temperature"], label_map,
-                                      self.layout.num_classes)
+                                      self.layout.num_classes, attrs.get("residual"))
         else:
             text = np.asarray(self.text_embeddings(), dtype=np.float32)
             probs = decode_embeddings(dequantise(codes, scale), text, attrs["logit_scale"], attrs["temperature"])

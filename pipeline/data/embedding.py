@@ -7,7 +7,8 @@ distributions over the *run's* classes in one matrix product on the device::
 
     soft = sum_m w_m softmax(logit_scale * (codes_m * scale_m) @ T.T / temperature)     (B.n x M x D) @ (D x C)
 
-with ``T`` (C, D) the run's class text embeddings from the store's teacher, ``M`` matched crops per tile
+with ``T`` (C, D) the run's class text embeddings from the store's teacher (a classifier store: its head,
+``softmax((e @ W.T + b) / temperature)`` over the label space, mapped onto the run's classes), ``M`` matched crops per tile
 (1 for ``exact``/``nearest``; every IoU-weighted crop for ``interp``, as :class:`.labels.CropSoftLabels`
 mixes decoded top-k rows).
 
@@ -118,26 +119,55 @@ def _widen(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
 class EmbeddingDecoder(torch.nn.Module):
     """Stored embeddings -> soft labels over a vocabulary, on whatever device the module is on.
 
-    ``text_embeddings`` (C, D) unit-norm class text embeddings of the store's teacher for the run's
-    vocabulary and prompts; probabilities are ``softmax(logit_scale * e @ T.T / temperature)``."""
+    CLIP stores: ``weight`` (C, D) unit-norm class text embeddings of the store's teacher for the run's
+    vocabulary and prompts, no bias: ``softmax(logit_scale * e @ T.T / temperature)``.
+    Classifier stores: ``weight`` (L, D) and ``bias`` (L,) the stored head, ``logit_scale`` 1, and ``mapping``
+    (L, C) 0/1 onto the run's vocabulary (None: the label space itself):
+    ``softmax((e @ W.T + b) / temperature) @ mapping``, the mass of unmapped label-space classes handled by
+    ``residual`` (as :func:`~lt_distill.store.embedding.apply_residual`: None leaves it out, ``spread`` adds
+    it evenly to the C classes, ``renormalise`` rescales to sum 1)."""
 
-    def __init__(self, text_embeddings: torch.Tensor, logit_scale: float, temperature: float) -> None:
+    def __init__(self, weight: torch.Tensor, logit_scale: float, temperature: float, bias: torch.Tensor | None = None,
+                 mapping: torch.Tensor | None = None, residual: str | None = None) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"soft-label temperature must be > 0, got {temperature}")
-        self.register_buffer("text", torch.as_tensor(text_embeddings, dtype=torch.float32).contiguous(),
+        if residual not in (None, "spread", "renormalise"):
+            raise ValueError(f"residual must be None, spread or renormalise, got {residual!r}")
+        self.residual = residual if mapping is not None else None
+        weight = torch.as_tensor(weight, dtype=torch.float32).contiguous()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", None if bias is None else torch.as_tensor(bias, dtype=torch.float32).contiguous(),
+                             persistent=False)
+        if mapping is not None and tuple(mapping.shape[:1]) != (len(weight),):
+            raise ValueError(f"mapping must be ({len(weight)}, C), got {tuple(mapping.shape)}")
+        self.register_buffer("mapping", None if mapping is None else torch.as_tensor(mapping, dtype=torch.float32),
                              persistent=False)
         self.logit_scale = float(logit_scale)
         self.temperature = float(temperature)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weight) if self.mapping is None else self.mapping.shape[1]
 
     @torch.no_grad()
     def forward(self, codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """codes (N, M, D), scale (N, M), weight (N, M) -> (N, C) float32 mixtures of decoded rows."""
         n, m, d = codes.shape
-        emb = codes.to(self.text.device, torch.float32) * scale.to(self.text.device, torch.float32)[..., None]
-        logits = (emb.view(n * m, d) @ self.text.T) * (self.logit_scale / self.temperature)
-        probs = torch.softmax(logits, dim=-1).view(n, m, -1)
-        return (probs * weight.to(self.text.device, torch.float32)[..., None]).sum(1)
+        device = self.weight.device
+        emb = codes.to(device, torch.float32) * scale.to(device, torch.float32)[..., None]
+        logits = emb.view(n * m, d) @ self.weight.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        probs = torch.softmax(logits * (self.logit_scale / self.temperature), dim=-1)
+        if self.mapping is not None:
+            probs = probs @ self.mapping
+            mass = probs.sum(-1, keepdim=True)
+            if self.residual == "renormalise":
+                probs = probs / mass.clamp_min(1e-12)
+            elif self.residual == "spread":
+                probs = probs + (1 - mass).clamp_min(0) / probs.shape[-1]
+        return (probs.view(n, m, -1) * weight.to(device, torch.float32)[..., None]).sum(1)
 
     @torch.no_grad()
     def fill(self, targets: Sequence[dict[str, Any]]) -> None:
@@ -151,6 +181,6 @@ class EmbeddingDecoder(torch.nn.Module):
         width = max(t["soft_embed"].shape[1] for t in holders)  # crops per row differ between targets (interp)
         fields = [torch.cat([_widen(t.pop(k), width, 1.0 if k == "soft_embed_scale" else 0.0) for t in holders])
                   for k in EMBED_KEYS]
-        soft = self(*fields) if sum(sizes) else torch.zeros((0, len(self.text)), device=self.text.device)
+        soft = self(*fields) if sum(sizes) else torch.zeros((0, self.num_classes), device=self.weight.device)
         for t, part in zip(holders, torch.split(soft, sizes)):
             t["soft_labels"] = part * t["soft_mask"].to(part.device)[:, None]

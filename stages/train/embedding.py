@@ -8,8 +8,20 @@ teacher's text tower and the run's prompts (``teacher.templates`` / ``teacher.sy
 the detector's language classifier and the matrix the stored image embeddings are decoded against, at
 the store teacher's logit scale and ``data.soft_temperature`` (0: the store teacher's temperature).
 
-The text embeddings are computed once per run by :func:`class_text_embeddings` — the one place a
-text-embedding cache plugs in.
+The text embeddings come from :func:`class_text_embeddings` through the text-embedding cache
+(:mod:`~lt_distill.pipeline.teacher.textcache`, ``teacher.text_cache``): computed once, by rank 0 under
+torch.distributed while the others wait, and reused by every later run (and precompute) with the same
+teacher, prompts, precision and device type.
+
+A store of *classifier features* (``encoding.embedding.head``) needs no teacher at all: it keeps the
+classifier head, and the decoder is ``softmax((e @ W.T + b) / temperature)`` over the label space, mapped
+onto the run's classes through WordNet ids exactly as precompute maps it
+(:func:`~lt_distill.pipeline.teacher.classifier.label_space_mapping`; the unmapped mass is the residual,
+spread or renormalised as the store's ``encoding.embedding.residual`` says, so every row sums to one).
+The run's vocabulary must be the label space itself or share WordNet ids with it; otherwise the run is
+refused, naming both. The detector's language classifier is then the head's class rows (each run class:
+the L2-normalised sum of the rows of the label-space classes mapped onto it; a class no label-space class
+maps onto gets a zero row, so the detector cannot learn it from this store).
 """
 
 from __future__ import annotations
@@ -23,7 +35,16 @@ import torch
 
 from ...pipeline.data.config import DataConfig
 from ...pipeline.data.embedding import EmbeddingDecoder
-from ...pipeline.teacher import TeacherConfig, encode_class_texts, file_sha256, load_open_clip, resolve_precision
+from ...pipeline.teacher import (
+    TeacherConfig,
+    TeacherError,
+    encode_class_texts,
+    file_sha256,
+    load_open_clip,
+    resolve_precision,
+)
+from ...pipeline.teacher.classifier import label_space_mapping, label_space_vocabulary
+from ...pipeline.teacher.textcache import cached_text_embeddings, resolve_text_cache, text_cache_key
 from ...pipeline.vocab import Vocabulary, resolve_templates
 from ...store import LabelReader, StoreMismatchError
 
@@ -63,16 +84,30 @@ def check_teacher(reader: LabelReader, teacher_cfg: TeacherConfig, weights_id: s
 def class_text_embeddings(teacher_cfg: TeacherConfig, vocabulary: Vocabulary,
                           device: torch.device) -> tuple[torch.Tensor, str]:
     """(C, D) float32 unit-norm class text embeddings of ``vocabulary`` with the teacher of ``teacher_cfg``
-    and its prompts, on ``device``, and the teacher's weights id. The seam for a text-embedding cache: same
-    inputs, same output."""
-    with torch.random.fork_rng(devices=[]):  # loading must not move the run's RNG
-        model, weights_id = load_open_clip(teacher_cfg.model, teacher_cfg.weights, teacher_cfg.random_init,
-                                           teacher_cfg.seed)
-    model = model.to(device)
+    and its prompts, on ``device``, and the teacher's weights id. Read from the text-embedding cache when it
+    holds them (the model is then loaded only when its weights id needs it: random-init teachers)."""
+    model = None
+    if teacher_cfg.weights and not teacher_cfg.random_init:
+        weights_id = file_sha256(teacher_cfg.weights)
+    else:
+        with torch.random.fork_rng(devices=[]):  # loading must not move the run's RNG
+            model, weights_id = load_open_clip(teacher_cfg.model, teacher_cfg.weights, teacher_cfg.random_init,
+                                               teacher_cfg.seed)
     prompts = vocabulary.prompts(resolve_templates(teacher_cfg.templates), teacher_cfg.synonyms)
     precision = resolve_precision(teacher_cfg.precision, device)
-    text = encode_class_texts(model, open_clip.get_tokenizer(teacher_cfg.model), prompts, device, precision,
-                              teacher_cfg.text_batch)
+
+    def compute() -> torch.Tensor:
+        nonlocal model
+        if model is None:
+            with torch.random.fork_rng(devices=[]):
+                model, _ = load_open_clip(teacher_cfg.model, teacher_cfg.weights, False, teacher_cfg.seed)
+        return encode_class_texts(model.to(device), open_clip.get_tokenizer(teacher_cfg.model), prompts, device,
+                                  precision, teacher_cfg.text_batch)
+
+    key = text_cache_key(model=teacher_cfg.model, weights_id=weights_id, prompts=prompts, precision=precision,
+                         device=device)
+    folder = resolve_text_cache(teacher_cfg.text_cache, teacher_cfg.engine_cache or None)
+    text, _ = cached_text_embeddings(key, compute, folder, device)
     return text.float(), weights_id
 
 
@@ -102,8 +137,12 @@ class EmbeddingLabels:
 def build_embedding_labels(reader: LabelReader, data_cfg: DataConfig, teacher_cfg: TeacherConfig,
                            vocabulary: Vocabulary, device: torch.device) -> EmbeddingLabels:
     """Teacher check (before anything is loaded where possible), then the run's class text embeddings with
-    the store's teacher, and the decoder at the store's logit scale and the run's temperature."""
+    the store's teacher, and the decoder at the store's logit scale and the run's temperature. A store of
+    classifier features is decoded by its own head instead (:func:`build_classifier_labels`)."""
     attrs = reader.embedding_attrs()
+    temperature = data_cfg.soft_temperature or float(attrs["temperature"])
+    if "head" in attrs:
+        return build_classifier_labels(reader, vocabulary, temperature, device)
     check_teacher(reader, teacher_cfg)
     text_device = torch.device(teacher_cfg.device) if teacher_cfg.device != "auto" else device
     text, weights_id = class_text_embeddings(teacher_cfg, vocabulary, text_device)
@@ -111,7 +150,49 @@ def build_embedding_labels(reader: LabelReader, data_cfg: DataConfig, teacher_cf
     if text.shape[1] != reader.layout.embed_dim:
         raise StoreMismatchError(f"label store {reader.path}: embeddings have D={reader.layout.embed_dim}, the "
                                  f"teacher's text tower gives D={text.shape[1]}")
-    temperature = data_cfg.soft_temperature or float(attrs["temperature"])
     decoder = EmbeddingDecoder(text, float(attrs["logit_scale"]), temperature).to(device)
     store_names = reader.attrs["vocabulary"]["names"]
     return EmbeddingLabels(decoder, text.detach().cpu(), class_map(store_names, vocabulary.names), temperature)
+
+
+def run_label_mapping(reader: LabelReader, vocabulary: Vocabulary) -> torch.Tensor | None:
+    """(L, C) 0/1 matrix from a classifier store's label space onto the run's ``vocabulary`` (None: the run's
+    vocabulary is the label space), built as precompute builds it; :class:`StoreMismatchError` naming both
+    when the vocabulary is neither the label space nor mapped onto it by any WordNet id."""
+    head = reader.embedding_attrs()["head"]
+    try:
+        label_space = label_space_vocabulary(head["label_space"])
+    except TeacherError as exc:
+        raise StoreMismatchError(f"label store {reader.path}: {exc}") from exc
+    if label_space.sha256 != head["label_space_sha256"]:
+        raise StoreMismatchError(f"label store {reader.path}: its classifier's label space {head['label_space']!r} "
+                                 f"has sha256 {head['label_space_sha256'][:16]}, this installation's "
+                                 f"{label_space.sha256[:16]}")
+    try:
+        return label_space_mapping(label_space, vocabulary)
+    except TeacherError as exc:
+        raise StoreMismatchError(
+            f"label store {reader.path} holds features of classifier {head['model']!r} over its label space "
+            f"{head['label_space']!r} ({len(label_space)} classes); the run's vocabulary {vocabulary.source!r} "
+            f"({len(vocabulary)} classes) is neither that label space nor mapped onto it (no class of it has the "
+            "WordNet id of a label-space class): give the detection categories WordNet ids (synset or wnid) or "
+            "use the label space's classes") from exc
+
+
+def build_classifier_labels(reader: LabelReader, vocabulary: Vocabulary, temperature: float,
+                            device: torch.device) -> EmbeddingLabels:
+    """Decoder of a classifier-feature store: its head (checked against its SHA-256) at ``temperature``,
+    mapped onto ``vocabulary``; the language classifier is the head's class rows (see the module docstring)."""
+    mapping = run_label_mapping(reader, vocabulary)
+    weight, bias, _ = (torch.from_numpy(np.asarray(a)) for a in reader.classifier_head())
+    if weight.shape[1] != reader.layout.embed_dim:
+        raise StoreMismatchError(f"label store {reader.path}: features have D={reader.layout.embed_dim}, its "
+                                 f"classifier head D={weight.shape[1]}")
+    # The unmapped mass as precompute's residual policy says (default spread: the semantic loss needs rows
+    # that sum to one).
+    residual = reader.embedding_attrs().get("residual", "spread")
+    decoder = EmbeddingDecoder(weight, 1.0, temperature, bias=bias, mapping=mapping, residual=residual).to(device)
+    rows = weight if mapping is None else mapping.T @ weight
+    class_rows = torch.nn.functional.normalize(rows.float(), dim=-1)
+    store_names = reader.attrs["vocabulary"]["names"]
+    return EmbeddingLabels(decoder, class_rows, class_map(store_names, vocabulary.names), temperature)
