@@ -203,7 +203,7 @@ SMALL_DATA = {
     "det_aug": {"scales": [128], "max_size": 160, "crop_resize_scales": [96, 128], "crop_min_size": 64,
                 "crop_max_size": 128},
     "cls_aug": {"tile_size": 64, "scales": [128], "max_size": 160, "crop_match": "interp"},
-    "grid": "coarse",
+    "grid": "1.0:1,0.5:2",  # K = 5: the fixture runs EfficientNet-Lite0 on every crop on the CPU
 }
 IMAGENET_CLASSES = (1, 285, 417, 504, 805, 948)  # goldfish, Egyptian cat, balloon, coffee mug, soccer ball, apple
 
@@ -227,7 +227,7 @@ def classifier_store(tmp_path_factory):
     teacher = TeacherConfig(family="classifier", model="efficientnet-lite0", vocab=str(mapped), random_init=True,
                             device="cpu", engine="eager", pooled_size=256)
     run_precompute(PrecomputeConfig(
-        store=str(root / "store.zarr"), shards=ds.cls_shards, teacher=teacher, encoding="embedding", grid="coarse",
+        store=str(root / "store.zarr"), shards=ds.cls_shards, teacher=teacher, encoding="embedding", grid=SMALL_DATA["grid"],
         labels="none", batch_size=6, workers=0, annotations=str(mapped), images=str(ds.train_images),
         progress=False), log=lambda _m: None)
     keep = gt["categories"][:4][::-1]

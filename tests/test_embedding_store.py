@@ -390,3 +390,44 @@ def test_bench_store_embedding_table_small(tmp_path):
     assert kl["crops"] == 4 * 5 and kl["dim"] == 512 and kl["classes"] == 1203
     assert 0 < kl["float16"]["kl_decoded_exact_mean"] < kl["int8"]["kl_decoded_exact_mean"] < 0.01
     assert all(ms > 0 for ms in r["decode_ms_per_batch_cpu"].values())
+
+
+def test_run_class_text_embeddings_come_from_the_text_cache(tmp_path, monkeypatch):
+    """A run reading a CLIP embedding store encodes its class texts once: what precompute's teacher wrote
+    (same model, weights, prompts) is read back bit for bit, and a weights file is not even loaded on a hit."""
+    import dataclasses
+
+    import lt_distill.stages.train.embedding as train_embedding
+    from lt_distill.pipeline.teacher import load_open_clip
+    from lt_distill.pipeline.vocab import Vocabulary, load_vocabulary
+
+    calls = {"encode": 0, "load": 0}
+    real_encode = train_embedding.encode_class_texts
+
+    def encode(*args, **kwargs):
+        calls["encode"] += 1
+        return real_encode(*args, **kwargs)
+
+    def load(*args, **kwargs):
+        calls["load"] += 1
+        return load_open_clip(*args, **kwargs)
+
+    monkeypatch.setattr(train_embedding, "encode_class_texts", encode)
+    monkeypatch.setattr(train_embedding, "load_open_clip", load)
+    model, _ = load_open_clip("lt-tiny-rn", None, random_init=True)
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    vocab = Vocabulary("lvis-v1[:50]", load_vocabulary("lvis-v1").categories[:50])
+    cfg = TeacherConfig(model="lt-tiny-rn", weights=str(weights), templates="single", device="cpu",
+                        text_cache=str(tmp_path / "text"))
+    teacher = build_teacher(cfg, vocab)  # as precompute builds it: computes and writes the entry
+    text, weights_id = train_embedding.class_text_embeddings(cfg, vocab, torch.device("cpu"))
+    assert calls == {"encode": 0, "load": 0} and weights_id == teacher.weights_id
+    assert torch.equal(text, teacher.text_embeddings)
+    fresh, _ = train_embedding.class_text_embeddings(dataclasses.replace(cfg, text_cache="off"), vocab,
+                                                     torch.device("cpu"))
+    assert calls == {"encode": 1, "load": 1} and torch.equal(fresh, text)
+    other, _ = train_embedding.class_text_embeddings(dataclasses.replace(cfg, templates="simple"), vocab,
+                                                     torch.device("cpu"))
+    assert calls == {"encode": 2, "load": 2} and not torch.equal(other, text)  # other prompts: another entry
+    assert len(list((tmp_path / "text").glob("*.npy"))) == 2
