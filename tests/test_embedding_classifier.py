@@ -363,3 +363,19 @@ def test_classifier_precompute_rewrites_a_lost_head(tmp_path):
     assert verify_store(cfg.store) == []
     built = build_teacher(teacher)
     np.testing.assert_array_equal(LabelReader(cfg.store).classifier_head()[0], built.classifier_head()[0])
+
+
+@needs_weights
+@pytest.mark.slow
+def test_bench_classifier_row_embedding_beside_topk():
+    """`bench store`'s classifier row on real photos: int8 features decode within the 0.001-nat goal, far
+    below what top-k loses on the same crops; fp16 below int8; bytes per image as the layout says."""
+    from lt_distill.bench.store_embedding import classifier_embedding_kl
+
+    r = classifier_embedding_kl("skimage", grid="1.0:1,0.5:2", ks=(8, 16))
+    assert r["num_photos"] == 8 and r["crops"] == 8 * 5 and r["dim"] == 1280 and r["classes"] == 1000
+    assert r["int8"]["raw_bytes_per_image"] == 5 * (1280 + 2) and r["float16"]["raw_bytes_per_image"] == 5 * 2560
+    assert 0 < r["float16"]["kl_decoded_exact_mean"] < r["int8"]["kl_decoded_exact_mean"] < 1e-3
+    assert r["int8"]["top1_agreement"] == 1.0
+    assert [row["k"] for row in r["topk"]] == [8, 16] and r["topk"][1]["bytes_per_image"] == 5 * 16 * 4
+    assert r["topk"][1]["kl_spread_mean"] > 100 * r["int8"]["kl_exact_decoded_mean"]

@@ -187,7 +187,9 @@ def test_timm_mapping_matches_the_reference_model(real_teacher):
     crops = crop_and_resize(skimage.data.astronaut(), np.array([[0, 0, 1, 1], [0.2, 0.0, 0.8, 0.6]]), 224)
     with torch.no_grad():
         want = ref.eval()(real_teacher.normalize(crops))
-    torch.testing.assert_close(real_teacher.crop_features(crops), want, rtol=1e-4, atol=1e-4)
+    feats = real_teacher.crop_features(crops)  # penultimate features; the head makes the logits
+    assert feats.shape == (2, 1280) and real_teacher.embedding_dim == 1280
+    torch.testing.assert_close(real_teacher.logits(feats), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_weights
