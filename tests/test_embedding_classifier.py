@@ -328,22 +328,10 @@ def test_unmapped_run_vocabulary_is_refused_by_name(classifier_store, tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_from_a_classifier_store_gives_the_same_losses(classifier_store, tmp_path):
-    from test_train import _run_script, _train_records
+    from test_embedding_store import assert_kill_and_resume_is_exact
 
     ds, store, _, subset = classifier_store
-    full = _run_config(ds, store, tmp_path / "full", subset, max_iters=4)
-    assert _run_script(full, -1, "fresh").returncode == 0
-    killed = _run_config(ds, store, tmp_path / "killed", subset, max_iters=4)
-    proc = _run_script(killed, 3, "fresh")  # checkpoint at 2, killed after step 3
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    proc = _run_script(killed, -1, "resume")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ref, got = _train_records(tmp_path / "full"), _train_records(tmp_path / "killed")
-    assert [r["iter"] for r in got] == [1, 2, 3, 4]
-    keys = [k for k in ref[0] if k.startswith("loss") or k == "grad_norm"]
-    assert "loss_semantic" in keys
-    for a, b in zip(ref, got):
-        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["iter"]
+    assert_kill_and_resume_is_exact(lambda out, **top: _run_config(ds, store, out, subset, **top), tmp_path)
 
 
 def test_classifier_precompute_rewrites_a_lost_head(tmp_path):

@@ -357,14 +357,13 @@ def test_store_from_another_teacher_is_refused_by_name(demo_store, tmp_path):
         train(train_config(None, ["data.soft_encoding=topk"], base=base))
 
 
-@pytest.mark.slow
-def test_kill_and_resume_from_an_embedding_store_gives_the_same_losses(demo_store, tmp_path):
+def assert_kill_and_resume_is_exact(make_config, tmp_path: Path) -> None:
+    """A 4-step run killed after step 3 (checkpoint at 2) and resumed logs the losses of an uninterrupted
+    run; ``make_config(out, max_iters=4)`` is the run's config."""
     from train_helpers import run_killable, train_records
 
-    ds, store, subset = demo_store
-    full = _run_config(ds, store, tmp_path / "full", subset, "single", max_iters=4)
-    assert run_killable(full, -1, "fresh").returncode == 0
-    killed = _run_config(ds, store, tmp_path / "killed", subset, "single", max_iters=4)
+    assert run_killable(make_config(tmp_path / "full", max_iters=4), -1, "fresh").returncode == 0
+    killed = make_config(tmp_path / "killed", max_iters=4)
     proc = run_killable(killed, 3, "fresh")  # checkpoint at 2, killed after step 3
     assert proc.returncode == -9, proc.stderr[-2000:]
     proc = run_killable(killed, -1, "resume")
@@ -375,6 +374,12 @@ def test_kill_and_resume_from_an_embedding_store_gives_the_same_losses(demo_stor
     assert "loss_semantic" in keys
     for a, b in zip(ref, got):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["iter"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_from_an_embedding_store_gives_the_same_losses(demo_store, tmp_path):
+    ds, store, subset = demo_store
+    assert_kill_and_resume_is_exact(lambda out, **top: _run_config(ds, store, out, subset, "single", **top), tmp_path)
 
 
 def test_bench_store_embedding_table_small(tmp_path):

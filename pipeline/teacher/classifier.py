@@ -36,20 +36,20 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from torchvision.ops import roi_align
 
 from ..vocab import Vocabulary, WnidMapper, imagenet1k_vocabulary
-from .config import MODES, TeacherConfig
-from .engines import PARITY_TOLERANCE, Engine, ParityCheck, build_engine, eager_engine, resolve_engine
+from .config import TeacherConfig
+from .engines import Engine
 from .model import (
     RANDOM_INIT_VERSION,
+    TeacherEngines,
     TeacherError,
     file_sha256,
     parameters_sha256,
     resolve_device,
     resolve_precision,
 )
-from .preprocess import Normalize, Preprocess, crop_and_resize, resize_image
+from .preprocess import Normalize, Preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +201,7 @@ class FeatureTrunk(torch.nn.Module):
         return self.model.forward_features(x).float()
 
 
-class ClassifierTeacher:
+class ClassifierTeacher(TeacherEngines):
     """An image classifier scoring image boxes; the interface of :class:`~.model.Teacher`.
 
     Public attributes: ``vocabulary`` (the classes of its soft labels), ``label_space`` (the classifier's
@@ -321,39 +321,12 @@ class ClassifierTeacher:
                 "label_space_sha256": self.label_space.sha256}
 
     # ------------------------------------------------------------------ engines
-    def _check_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise TeacherError(f"teacher mode must be one of {MODES}, got {mode!r}")
-
-    def engine(self, mode: str) -> Engine:
-        """The engine running ``mode``'s image function, built (and parity-checked) on first use."""
-        self._check_mode(mode)
-        if mode not in self._engines:
-            module = self._modules[mode]
-            if resolve_engine(self.requested_engine, self.device) == "eager":
-                self._engines[mode] = eager_engine(module, self.device, self.precision)
-            else:
-                self._engines[mode] = self._build_compiled(mode, module)
-        return self._engines[mode]
-
-    def _build_compiled(self, mode: str, module: torch.nn.Module) -> Engine:
-        size, rows = (self.input_size, self.crop_batch) if mode == "crops" else (self.pooled_size, self.pooled_batch)
-        gen = torch.Generator().manual_seed(1234)
-        calib = torch.randint(0, 256, (rows, 3, size, size), generator=gen, dtype=torch.uint8)
-        example = self.normalize(calib.to(self.device))
+    def _parity_metric(self, mode: str, rows: int, size: int):
         # Compared on label-space probabilities: features and logits have no fixed scale, probabilities do.
         if mode == "crops":
-            def metric(feats: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(self.logits(feats), dim=-1)
-        else:
-            whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=self.device).expand(rows, 1, 4)
-
-            def metric(fmap: torch.Tensor) -> torch.Tensor:
-                return torch.softmax(self.logits(self._pool_rois(fmap, whole, size).reshape(rows, -1)), dim=-1)
-        key = {"family": self.family, "model": self.model_name, "weights": self.weights_id, "mode": mode}
-        return build_engine(module, self.requested_engine, example, device=self.device, precision=self.precision,
-                            parity=ParityCheck(metric, PARITY_TOLERANCE[self.precision]),
-                            cache_dir=self.engine_cache, cache_key=key)
+            return lambda feats: torch.softmax(self.logits(feats), dim=-1)
+        whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=self.device).expand(rows, 1, 4)
+        return lambda fmap: torch.softmax(self.logits(self._pool_rois(fmap, whole, size).reshape(rows, -1)), dim=-1)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -367,53 +340,9 @@ class ClassifierTeacher:
         probs = torch.softmax(self.logits(feats) / self.temperature, dim=-1)
         return probs if self.mapping is None else probs @ self.mapping
 
-    @torch.no_grad()
-    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) uint8 crops (S = ``input_size``) -> (N, F) penultimate features on ``device``."""
-        if crops.ndim != 4 or crops.shape[1:] != (3, self.input_size, self.input_size):
-            raise TeacherError(f"crops must be (N, 3, {self.input_size}, {self.input_size}) uint8, "
-                               f"got {tuple(crops.shape)}")
-        return self.engine("crops")(self.normalize(crops.to(self.device, non_blocking=True)))
-
-    def score_crop_batch(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) uint8 crops -> (N, C) soft labels (float32, on ``device``)."""
-        return self.probs_from_features(self.crop_features(crops))
-
-    def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-        """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
-        return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
-
-    def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input), average pool -> (B, K, F)
-        penultimate features."""
-        b, k = boxes.shape[:2]
-        batch_idx = torch.arange(b, device=fmap.device, dtype=fmap.dtype).repeat_interleave(k)[:, None]
-        rois = torch.cat([batch_idx, boxes.reshape(-1, 4).to(fmap) * size], dim=1)
-        pooled = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=fmap.shape[-1] / size,
-                           sampling_ratio=-1, aligned=True)
-        return pooled.mean(dim=(2, 3)).float().view(b, k, -1)
-
-    @torch.no_grad()
-    def pooled_features(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, 3, P, P) uint8 whole images (P = ``pooled_size``) and normalised xyxy boxes (B, K, 4) or (K, 4)
-        -> (B, K, F) penultimate features on ``device``."""
-        p = self.pooled_size
-        if images.ndim != 4 or images.shape[1:] != (3, p, p):
-            raise TeacherError(f"pooled images must be (B, 3, {p}, {p}) uint8, got {tuple(images.shape)}")
-        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if isinstance(boxes, np.ndarray) else boxes)
-        if boxes.ndim == 2:
-            boxes = boxes.unsqueeze(0).expand(images.shape[0], -1, -1)
-        fmap = self.engine("pooled")(self.normalize(images.to(self.device, non_blocking=True)))
-        return self._pool_rois(fmap, boxes.to(self.device), p)
-
-    def score_pooled_batch(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, 3, P, P) uint8 images, boxes (B, K, 4) or (K, 4) -> (B, K, C) soft labels."""
-        return self.probs_from_features(self.pooled_features(images, boxes))
-
-    def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-        """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
-        return self.score_pooled_batch(resize_image(image, self.pooled_preprocess)[None], boxes)[0]
-
+    def _pool_region(self, pooled: torch.Tensor) -> torch.Tensor:
+        """RoIAligned (B*K, F, r, r) -> global average pool -> (B*K, F) penultimate features."""
+        return pooled.mean(dim=(2, 3)).float()
 
 def label_space_vocabulary(name: str) -> Vocabulary:
     if name != "imagenet-1k":

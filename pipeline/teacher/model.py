@@ -193,13 +193,123 @@ def encode_class_texts(model: torch.nn.Module, tokenizer, prompts: list[list[str
     return F.normalize(sums, dim=-1)
 
 
-class Teacher:
+class TeacherEngines:
+    """What the teacher families share: engine management (``engine(mode)`` builds each mode's image function
+    once: eager, or compiled / TensorRT with the parity check) and scoring (crops and pooled boxes -> features
+    -> soft labels).
+
+    A family sets ``family``, ``supports_pooled``, ``requested_engine``, ``device``, ``precision``,
+    ``input_size`` / ``crop_batch`` (crops), ``pooled_size`` / ``pooled_batch`` (pooled), ``normalize``,
+    ``engine_cache``, ``model_name``, ``weights_id``, ``_modules`` (mode -> module) and ``_engines`` ({}), and
+    gives three hooks: the parity metric of its outputs (:meth:`_parity_metric`: what a compiled engine must
+    reproduce), the pooling of a RoIAligned box (:meth:`_pool_region`) and :meth:`probs_from_features`."""
+
+    family = ""  # each family names itself
+    pooled_requirement = "a teacher with a pooled path"
+
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise TeacherError(f"teacher mode must be one of {MODES}, got {mode!r}")
+        if mode == "pooled" and not self.supports_pooled:
+            raise TeacherError(f"pooled scoring needs {self.pooled_requirement}; {self.model_name} is not one")
+
+    def engine(self, mode: str) -> Engine:
+        """The engine running ``mode``'s image function, built (and parity-checked) on first use."""
+        self._check_mode(mode)
+        if mode not in self._engines:
+            module = self._modules[mode]
+            if resolve_engine(self.requested_engine, self.device) == "eager":
+                self._engines[mode] = eager_engine(module, self.device, self.precision)
+            else:
+                self._engines[mode] = self._build_compiled(mode, module)
+        return self._engines[mode]
+
+    def _parity_metric(self, mode: str, rows: int, size: int):
+        """A function of ``mode``'s module output (``rows`` calibration images of ``size`` px) to compare a
+        compiled engine with eager on."""
+        raise NotImplementedError
+
+    def _build_compiled(self, mode: str, module: torch.nn.Module) -> Engine:
+        size, rows = (self.input_size, self.crop_batch) if mode == "crops" else (self.pooled_size, self.pooled_batch)
+        gen = torch.Generator().manual_seed(1234)
+        calib = torch.randint(0, 256, (rows, 3, size, size), generator=gen, dtype=torch.uint8)
+        example = self.normalize(calib.to(self.device))
+        key = {"model": self.model_name, "weights": self.weights_id, "mode": mode}
+        if self.family != "clip":  # CLIP engines keep the cache keys they had before other families existed
+            key = {"family": self.family, **key}
+        return build_engine(module, self.requested_engine, example, device=self.device, precision=self.precision,
+                            parity=ParityCheck(self._parity_metric(mode, rows, size), PARITY_TOLERANCE[self.precision]),
+                            cache_dir=self.engine_cache, cache_key=key)
+
+    # ------------------------------------------------------------------ scoring (features: the family's own)
+    def probs_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(..., D) features -> (..., C) float32 soft labels over the vocabulary."""
+        raise NotImplementedError
+
+    def _pool_region(self, pooled: torch.Tensor) -> torch.Tensor:
+        """RoIAligned feature maps (B*K, C, r, r) -> (B*K, D) features."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 crops (S = ``input_size``) -> (N, D) features on ``device`` (CLIP: unit-norm
+        image embeddings; classifier: penultimate features)."""
+        if crops.ndim != 4 or crops.shape[1:] != (3, self.input_size, self.input_size):
+            raise TeacherError(f"crops must be (N, 3, {self.input_size}, {self.input_size}) uint8, "
+                               f"got {tuple(crops.shape)}")
+        return self.engine("crops")(self.normalize(crops.to(self.device, non_blocking=True)))
+
+    def score_crop_batch(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 crops -> (N, C) soft labels (float32, on ``device``)."""
+        return self.probs_from_features(self.crop_features(crops))
+
+    def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
+        return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
+
+    def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input) to ``roi_size``, then the
+        family's pooling -> (B, K, D) features."""
+        b, k = boxes.shape[:2]
+        batch_idx = torch.arange(b, device=fmap.device, dtype=fmap.dtype).repeat_interleave(k)[:, None]
+        rois = torch.cat([batch_idx, boxes.reshape(-1, 4).to(fmap) * size], dim=1)
+        pooled = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=fmap.shape[-1] / size,
+                           sampling_ratio=-1, aligned=True)
+        return self._pool_region(pooled).view(b, k, -1)
+
+    @torch.no_grad()
+    def pooled_features(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, 3, P, P) uint8 whole images (P = ``pooled_size``) and normalised xyxy boxes (B, K, 4) or (K, 4)
+        for every image -> (B, K, D) features on ``device``."""
+        self._check_mode("pooled")
+        p = self.pooled_size
+        if images.ndim != 4 or images.shape[1:] != (3, p, p):
+            raise TeacherError(f"pooled images must be (B, 3, {p}, {p}) uint8, got {tuple(images.shape)}")
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if isinstance(boxes, np.ndarray) else boxes)
+        if boxes.ndim == 2:
+            boxes = boxes.unsqueeze(0).expand(images.shape[0], -1, -1)
+        fmap = self.engine("pooled")(self.normalize(images.to(self.device, non_blocking=True)))
+        return self._pool_rois(fmap, boxes.to(self.device), p)
+
+    def score_pooled_batch(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, 3, P, P) uint8 images, boxes (B, K, 4) or (K, 4) -> (B, K, C) soft labels."""
+        return self.probs_from_features(self.pooled_features(images, boxes))
+
+    def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
+        return self.score_pooled_batch(resize_image(image, self.pooled_preprocess)[None], boxes)[0]
+
+
+class Teacher(TeacherEngines):
     """A CLIP teacher scoring image boxes against a fixed vocabulary.
 
     Public attributes: ``text_embeddings`` (C, D) float32 unit-norm on ``device``; ``input_size`` (crops),
     ``pooled_size`` and ``roi_size`` (pooled); ``logit_scale``; ``temperature``; ``vocabulary``;
     ``fingerprint`` (what the text embeddings depend on). Images are uint8 throughout: (H, W, 3) arrays
     or (3, H, W) tensors for single images, (N, 3, S, S) tensors for batches."""
+
+    family = "clip"
+    pooled_requirement = "a ModifiedResNet (RN*) teacher"
 
     def __init__(self, model: torch.nn.Module, *, model_name: str, weights_id: str, vocabulary: Vocabulary,
                  templates: tuple[str, ...], synonyms: bool = False, temperature: float = 1.0,
@@ -290,40 +400,12 @@ class Teacher:
         }
 
     # ------------------------------------------------------------------ engines
-    def _check_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise TeacherError(f"teacher mode must be one of {MODES}, got {mode!r}")
-        if mode == "pooled" and not self.supports_pooled:
-            raise TeacherError(f"pooled scoring needs a ModifiedResNet (RN*) teacher; {self.model_name} is not one")
-
-    def engine(self, mode: str) -> Engine:
-        """The engine running ``mode``'s image function, built (and parity-checked) on first use."""
-        self._check_mode(mode)
-        if mode not in self._engines:
-            module = self._modules[mode]
-            if resolve_engine(self.requested_engine, self.device) == "eager":
-                self._engines[mode] = eager_engine(module, self.device, self.precision)
-            else:
-                self._engines[mode] = self._build_compiled(mode, module)
-        return self._engines[mode]
-
-    def _build_compiled(self, mode: str, module: torch.nn.Module) -> Engine:
-        size, rows = (self.input_size, self.crop_batch) if mode == "crops" else (self.pooled_size, self.pooled_batch)
-        gen = torch.Generator().manual_seed(1234)
-        calib = torch.randint(0, 256, (rows, 3, size, size), generator=gen, dtype=torch.uint8)
-        example = self.normalize(calib.to(self.device))
+    def _parity_metric(self, mode: str, rows: int, size: int):
+        # Compared on cosine similarities with the class text embeddings (before the logit scale).
         if mode == "crops":
-            def metric(feats: torch.Tensor) -> torch.Tensor:
-                return feats @ self.text_embeddings.T
-        else:
-            whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=self.device).expand(rows, 1, 4)
-
-            def metric(fmap: torch.Tensor) -> torch.Tensor:
-                return self._pool_rois(fmap, whole, size).reshape(rows, -1) @ self.text_embeddings.T
-        key = {"model": self.model_name, "weights": self.weights_id, "mode": mode}
-        return build_engine(module, self.requested_engine, example, device=self.device, precision=self.precision,
-                            parity=ParityCheck(metric, PARITY_TOLERANCE[self.precision]),
-                            cache_dir=self.engine_cache, cache_key=key)
+            return lambda feats: feats @ self.text_embeddings.T
+        whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=self.device).expand(rows, 1, 4)
+        return lambda fmap: self._pool_rois(fmap, whole, size).reshape(rows, -1) @ self.text_embeddings.T
 
     # ------------------------------------------------------------------ scoring
     def probs_from_features(self, feats: torch.Tensor) -> torch.Tensor:
@@ -331,56 +413,11 @@ class Teacher:
         logits = self.logit_scale * (feats.float() @ self.text_embeddings.T)
         return torch.softmax(logits / self.temperature, dim=-1)
 
-    @torch.no_grad()
-    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) uint8 crops (S = ``input_size``) -> (N, D) unit-norm embeddings on ``device``."""
-        if crops.ndim != 4 or crops.shape[1:] != (3, self.input_size, self.input_size):
-            raise TeacherError(f"crops must be (N, 3, {self.input_size}, {self.input_size}) uint8, "
-                               f"got {tuple(crops.shape)}")
-        x = self.normalize(crops.to(self.device, non_blocking=True))
-        return self.engine("crops")(x)
-
-    def score_crop_batch(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) uint8 crops -> (N, C) soft labels (float32, on ``device``)."""
-        return self.probs_from_features(self.crop_features(crops))
-
-    def score_crops(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-        """Cut each normalised xyxy box (K, 4) from ``image``, resize, score -> (K, C) soft labels."""
-        return self.score_crop_batch(crop_and_resize(image, boxes, self.preprocess))
-
-    def _pool_rois(self, fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """RoIAlign normalised boxes (B, K, 4) on ``fmap`` (of a size x size input) + attention pool -> (B, K, D)."""
-        b, k = boxes.shape[:2]
-        batch_idx = torch.arange(b, device=fmap.device, dtype=fmap.dtype).repeat_interleave(k)[:, None]
-        rois = torch.cat([batch_idx, boxes.reshape(-1, 4).to(fmap) * size], dim=1)
-        pooled = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=fmap.shape[-1] / size,
-                           sampling_ratio=-1, aligned=True)
+    def _pool_region(self, pooled: torch.Tensor) -> torch.Tensor:
+        """RoIAligned (B*K, C, r, r) -> CLIP's attention pool -> (B*K, D) unit-norm embeddings."""
         with autocast(self.device, self.precision):
             feats = self.model.visual.attnpool(pooled)
-        return F.normalize(feats.float(), dim=-1).view(b, k, -1)
-
-    @torch.no_grad()
-    def pooled_features(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, 3, P, P) uint8 whole images (P = ``pooled_size``) and normalised xyxy boxes (B, K, 4) or (K, 4)
-        for every image -> (B, K, D) unit-norm embeddings on ``device``."""
-        self._check_mode("pooled")
-        p = self.pooled_size
-        if images.ndim != 4 or images.shape[1:] != (3, p, p):
-            raise TeacherError(f"pooled images must be (B, 3, {p}, {p}) uint8, got {tuple(images.shape)}")
-        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if isinstance(boxes, np.ndarray) else boxes)
-        if boxes.ndim == 2:
-            boxes = boxes.unsqueeze(0).expand(images.shape[0], -1, -1)
-        fmap = self.engine("pooled")(self.normalize(images.to(self.device, non_blocking=True)))
-        return self._pool_rois(fmap, boxes.to(self.device), p)
-
-    def score_pooled_batch(self, images: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, 3, P, P) uint8 images, boxes (B, K, 4) or (K, 4) -> (B, K, C) soft labels."""
-        return self.probs_from_features(self.pooled_features(images, boxes))
-
-    def score_pooled(self, image: np.ndarray | torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-        """One image (any size) and normalised xyxy boxes (K, 4) -> (K, C) soft labels, pooled path."""
-        return self.score_pooled_batch(resize_image(image, self.pooled_preprocess)[None], boxes)[0]
-
+        return F.normalize(feats.float(), dim=-1)
 
 def build_teacher(cfg: TeacherConfig, vocabulary: Vocabulary | None = None) -> Teacher:
     """Load the open_clip model named in ``cfg`` and embed the vocabulary's class prompts."""
