@@ -281,7 +281,8 @@ def reproduce_store(reader: LabelReader, shards: str, teacher, num_images: int =
             if not valid:
                 continue
             online = teacher.score_crops(image, grid).float().cpu().numpy()
-            tally.add(*_compare(online, reader.decode(index, prob)))
+            k = len(grid)  # rows K.. of a flip-label store are mirror rows (not re-scored here)
+            tally.add(*_compare(online, reader.decode(index[:k], prob[:k])))
             tally.count += 1
         if tally.count >= num_images:
             break
@@ -372,11 +373,13 @@ def print_fidelity(result: dict[str, Any], console: Console | None = None) -> No
 
 # ---------------------------------------------------------------------------------------------------- real photos
 def build_photo_store(shards: str, store: str | Path, teacher_cfg: TeacherConfig, grid: str, *, topk: int = 16,
-                      residual: str = "spread", batch_size: int = 4) -> dict[str, Any]:
-    """Precompute a label store for ``shards`` with ``teacher_cfg`` (no hard labels) -> the job summary."""
+                      residual: str = "spread", batch_size: int = 4, flip_labels: bool = False) -> dict[str, Any]:
+    """Precompute a label store for ``shards`` with ``teacher_cfg`` (no hard labels; ``flip_labels``: with
+    mirror rows) -> the job summary."""
     from ..stages.precompute import PrecomputeConfig, run_precompute
 
-    cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher_cfg, grid=grid, topk=topk,
+    cfg = PrecomputeConfig(store=str(store), shards=shards, teacher=teacher_cfg, grid=grid, flip_labels=flip_labels,
+                           topk=topk,
                            residual=residual, labels="none", batch_size=batch_size, workers=0, progress=False,
                            overwrite=True)
     return run_precompute(cfg, log=lambda _line: None)
@@ -389,7 +392,7 @@ def labels_bytes_per_image(store: str | Path, num_images: int) -> float:
 
 
 def run_grid_study(photos: str, grids: list[str], teacher_cfg: TeacherConfig, *, work_dir: str | Path,
-                   topk: int = 16, **fidelity_kw: Any) -> dict[str, Any]:
+                   topk: int = 16, flip_labels: bool = False, **fidelity_kw: Any) -> dict[str, Any]:
     """The real-photo fidelity bench: ``photos`` (see :mod:`.photos`) written as shards under ``work_dir``;
     per grid, a store filled by the teacher of ``teacher_cfg`` and :func:`fidelity_with_teacher` on it, with
     the store's label bytes per image (raw K x k x 4 and compressed on disk)."""
@@ -401,14 +404,14 @@ def run_grid_study(photos: str, grids: list[str], teacher_cfg: TeacherConfig, *,
     shards = write_photo_shards(images, work / "shards")
     teacher = build_teacher(teacher_cfg)
     out: dict[str, Any] = {"photos": photos, "num_photos": len(images), "shards": shards, "topk": topk,
-                           "grids": {}}
+                           "flip_labels": flip_labels, "grids": {}}
     for grid in grids:
         spec = GridSpec.parse(grid)
         store = work / f"store-{len(out['grids'])}.zarr"
-        summary = build_photo_store(shards, store, teacher_cfg, grid, topk=topk)
+        summary = build_photo_store(shards, store, teacher_cfg, grid, topk=topk, flip_labels=flip_labels)
         result = fidelity_with_teacher(LabelReader(store), shards, teacher, **fidelity_kw)
         done = int(summary["classification"]["images_done"])
-        result.update({"grid_name": grid, "num_boxes": spec.num_boxes, "raw_bytes_per_image": spec.num_boxes * topk * 4,
+        result.update({"grid_name": grid, "num_boxes": spec.num_boxes, "raw_bytes_per_image": spec.num_boxes * (2 if flip_labels else 1) * topk * 4,
                        "disk_bytes_per_image": labels_bytes_per_image(store, done)})
         out["grids"][grid] = result
     return out

@@ -42,6 +42,9 @@ def bench_fidelity_cmd(
     model: Annotated[Optional[str], typer.Option("--model", help="With --photos: the teacher model (default: the "
                                                                  "family's).")] = None,
     topk: Annotated[int, typer.Option("--topk", help="With --photos: classes kept per crop.")] = 16,
+    flip_labels: Annotated[bool, typer.Option(
+        "--flip-labels", help="With --photos: fill the stores with mirror rows (precompute --flip-labels), so "
+        "flipped tiles read the mirrored crop's label.")] = False,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads (0: leave as is).")] = 0,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="The teacher weights file the store was made with (random-init stores need none).")] = None,
@@ -89,7 +92,7 @@ def bench_fidelity_cmd(
                             device=device, precision=precision, engine=engine)
         with tempfile.TemporaryDirectory(prefix="lt-fidelity-") as work:
             result = run_grid_study(photos, [g.strip() for g in grids.split(";") if g.strip()], cfg, work_dir=work,
-                                    topk=topk, num_tiles=tiles, modes=mode_list, preset=preset, crop_prob=crop_prob,
+                                    topk=topk, flip_labels=flip_labels, num_tiles=tiles, modes=mode_list, preset=preset, crop_prob=crop_prob,
                                     iou_threshold=iou_threshold, interp_top_n=top_n, seed=seed, reproduce=reproduce)
         print_grid_study(result, console)
         _write_json(json_out, result)

@@ -35,7 +35,8 @@ def info_cmd(store: StorePath, json_out: JsonOut = None) -> None:
     table.add_row("layout", ", ".join(f"{k}={v}" for k, v in attrs["layout"].items()))
     table.add_row("teacher", json.dumps(attrs.get("teacher", {}))[:300])
     table.add_row("vocabulary", f"{attrs['vocabulary']['num_names']} classes, sha256 {attrs['vocabulary']['sha256'][:16]}…")
-    table.add_row("grid", f"{attrs['grid']['spec']} ({attrs['grid']['num_boxes']} boxes)")
+    mirror = ", + a mirror row per box (flip labels)" if attrs["grid"].get("flip_labels") else ""
+    table.add_row("grid", f"{attrs['grid']['spec']} ({attrs['grid']['num_boxes']} boxes{mirror})")
     table.add_row("encoding", ", ".join(f"{k}={v}" for k, v in attrs["encoding"].items()
                                         if k not in ("probabilities", "embedding")))
     emb = attrs["encoding"].get("embedding")

@@ -75,6 +75,12 @@ class GridSpec:
         return self.boxes() * np.array([width, height, width, height], dtype=np.float64)
 
 
+def mirror_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Normalised xyxy boxes (K, 4) -> the same boxes in the left-right mirrored image, (1 - x1, y0, 1 - x0, y1)."""
+    b = np.asarray(boxes)
+    return np.stack([1 - b[..., 2], b[..., 1], 1 - b[..., 0], b[..., 3]], axis=-1).astype(b.dtype, copy=False)
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of (n, 4) against (m, 4) xyxy boxes -> (n, m)."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
@@ -109,8 +115,11 @@ def match_crops(
     * ``interp_topn`` (pre-issue-10 ``interp``): IoU-weighted mixture of the ``top_n`` boxes of highest
       IoU whatever their IoU, ties broken by grid order; an exact match gets only part of its own label.
 
-    Horizontal flips need no special case: a named grid is mirror-symmetric, and the region is given in
-    original-image coordinates, so a flipped crop matches the box it was cut from.
+    Horizontal flips need no special case *here*: the region is given in original-image coordinates, so a
+    flipped crop matches the box it was cut from. Its label does: a real teacher's label of a mirrored crop
+    is not that of the crop (EfficientNet-Lite0: 77% top-1 agreement). A store made with ``flip_labels``
+    keeps a mirror row per box (row K + j: box j mirrored), and readers apply these same weights to the
+    mirror rows for a flipped tile (:class:`.data.labels.CropSoftLabels`).
     """
     if mode not in MATCH_MODES:
         raise ConfigError(f"crop match mode must be one of {MATCH_MODES}, got {mode!r}")

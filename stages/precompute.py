@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from ..config import read_json_file
 from ..errors import ConfigError, LtDistillError
-from ..pipeline.grid import GridSpec
+from ..pipeline.grid import GridSpec, mirror_boxes
 from ..pipeline.labelcheck import check_class_list
 from ..pipeline.shards import (
     MAX_IMAGE_PIXELS,
@@ -75,6 +75,7 @@ from ..store import (
     StoreExistsError,
     StoreLayout,
     check_compatible,
+    crop_rows,
     damaged_shards,
     is_label_store,
     quantise,
@@ -92,6 +93,10 @@ class PrecomputeConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     mode: str = "crops"
     grid: str = "default"
+    # Also label each grid box cut and mirrored (rows K..2K-1): a flipped training tile then reads the
+    # teacher's label of the mirrored crop, not the unflipped one's. Costs 2x teacher work and label bytes.
+    # Classification crops only: object (detection box) labels stay unflipped.
+    flip_labels: bool = False
     topk: int = 16
     residual: str = "spread"
     # topk: k classes per crop (one vocabulary, prompt set and temperature); embedding: each crop's teacher
@@ -257,7 +262,7 @@ def prepare_job(cfg: PrecomputeConfig) -> Job:
     if urls and class_list is not None:  # before the teacher is built: a wrong list must cost nothing
         check_class_list(urls, source, cfg.class_list, class_list, cfg.label_check)
     teacher_cfg = dataclasses.replace(cfg.teacher)
-    k = grid.num_boxes
+    k = crop_rows(grid.num_boxes, cfg.flip_labels)
     teacher_cfg.crop_batch = cfg.batch_size * k
     teacher_cfg.pooled_batch = cfg.batch_size
     teacher = build_teacher(teacher_cfg, vocabulary)
@@ -283,6 +288,7 @@ def expected_attributes(job: Job) -> dict[str, Any]:
     expected = {
         "vocabulary.sha256": job.teacher.vocabulary.sha256,
         "grid.spec": job.grid.spec,
+        "grid.flip_labels": job.cfg.flip_labels,
         "encoding.kind": job.cfg.encoding,
         "encoding.topk": _layout_topk(job.cfg),
         "source.pattern": job.pattern,
@@ -322,10 +328,13 @@ def _layout_topk(cfg: PrecomputeConfig) -> int:
 
 
 def store_attrs_for_check(attrs: dict[str, Any]) -> dict[str, Any]:
-    """Attributes as a resume check reads them: stores made before the embedding encoding are top-k."""
+    """Attributes as a resume check reads them: stores made before the embedding encoding are top-k, and
+    those made before mirror rows have none."""
     encoding = dict(attrs.get("encoding", {}))
     encoding.setdefault("kind", "topk")
-    return {**attrs, "encoding": encoding}
+    grid = dict(attrs.get("grid", {}))
+    grid.setdefault("flip_labels", False)
+    return {**attrs, "encoding": encoding, "grid": grid}
 
 
 def embedding_description(teacher: Teacher, residual: str = "spread") -> dict[str, Any]:
@@ -391,7 +400,7 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
         def create() -> None:
             prov = job.teacher.provenance(cfg.mode)
             embed = cfg.encoding != "topk"
-            layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity, num_crops=job.grid.num_boxes,
+            layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity, num_crops=crop_rows(job.grid.num_boxes, cfg.flip_labels),
                                  topk=_layout_topk(cfg), num_classes=len(job.teacher.vocabulary),
                                  embed_dim=_embedding_dim(job.teacher) if embed else 0, embed_dtype=cfg.embed_dtype)
             try:
@@ -404,7 +413,7 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
                     else (job.teacher.text_embeddings.cpu().numpy(), job.teacher.fingerprint),
                     embedding=embedding_description(job.teacher, cfg.residual) if embed else None,
                     classifier_head=classifier_head_arrays(job.teacher)
-                    if embed and _is_classifier(job.teacher) else None)
+                    if embed and _is_classifier(job.teacher) else None, flip_labels=cfg.flip_labels)
             except StoreExistsError:
                 if cfg.overwrite or not path.exists():
                     raise
@@ -492,11 +501,16 @@ class ShardLabeler:
     """Main-process stage: turns :class:`ShardChunk` items into whole-shard :class:`ShardResult` objects."""
 
     def __init__(self, teacher: Teacher, mode: str, grid_boxes: np.ndarray, topk: int, batch_size: int,
-                 pseudo_threshold: float | None, encoding: str = "topk", embed_dtype: str = "int8") -> None:
+                 pseudo_threshold: float | None, encoding: str = "topk", embed_dtype: str = "int8",
+                 flip_labels: bool = False) -> None:
         self.teacher = teacher
         self.mode = mode
         self.boxes = torch.as_tensor(np.asarray(grid_boxes, dtype=np.float32))
-        self.rows_per_image = len(self.boxes) if mode == "crops" else 1
+        self.mirror_boxes = torch.as_tensor(mirror_boxes(np.asarray(grid_boxes, dtype=np.float32)))
+        self.flip_labels = flip_labels
+        # Label rows per image (layout.num_crops) and input rows per image (GridCrops / WholeImage with mirror).
+        self.num_rows = crop_rows(len(self.boxes), flip_labels)
+        self.rows_per_image = self.num_rows if mode == "crops" else (2 if flip_labels else 1)
         self.topk = topk if encoding != "embedding" else 0
         self.embed = encoding != "topk"
         self.embed_dtype = embed_dtype
@@ -527,7 +541,11 @@ class ShardLabeler:
         batch = self._take(st, images * self.rows_per_image)
         st.pending_images -= images
         if self.mode == "crops":
-            feats = self.teacher.crop_features(batch).view(images, len(self.boxes), -1)
+            feats = self.teacher.crop_features(batch).view(images, self.num_rows, -1)
+        elif self.flip_labels:  # (image, mirrored image) pairs: grid boxes on the first, mirrored boxes on the second
+            pairs = batch.view(images, 2, *batch.shape[1:])
+            feats = torch.cat([self.teacher.pooled_features(pairs[:, 0], self.boxes),
+                               self.teacher.pooled_features(pairs[:, 1], self.mirror_boxes)], dim=1)
         else:
             feats = self.teacher.pooled_features(batch, self.boxes)
         finite = torch.isfinite(feats).all(dim=2).all(dim=1)
@@ -570,7 +588,7 @@ class ShardLabeler:
         sizes = torch.cat([c.sizes for c in st.chunks]).numpy().reshape(-1, 2)
         hard = torch.cat([c.hard_labels for c in st.chunks]).numpy().astype(np.int32)
         reasons = torch.cat([c.reasons for c in st.chunks]).numpy().astype(np.uint8)
-        n, kk, k = len(keys), len(self.boxes), self.topk
+        n, kk, k = len(keys), self.num_rows, self.topk
         labels: dict[str, np.ndarray] = {}
         if k:
             labels["index"] = np.full((n, kk, k), -1, np.int16)
@@ -653,9 +671,9 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
     counts: shards, images done / failed by reason, notes, seconds."""
     cfg, teacher = job.cfg, job.teacher
     if cfg.mode == "crops":
-        prepare = GridCrops(job.grid.boxes(), teacher.preprocess)
+        prepare = GridCrops(job.grid.boxes(), teacher.preprocess, mirror=cfg.flip_labels)
     else:
-        prepare = WholeImage(teacher.pooled_preprocess)
+        prepare = WholeImage(teacher.pooled_preprocess, mirror=cfg.flip_labels)
     dataset = ShardChunks([(s, job.urls[s]) for s in shards], job.labeler, prepare, prepare.output_shape,
                           chunk_size=cfg.chunk_size, min_image_size=cfg.min_image_size,
                           max_pixels=cfg.max_image_pixels)
@@ -664,7 +682,7 @@ def label_shards(job: Job, store: LabelStore, shards: list[int], progress: bool 
                         prefetch_factor=cfg.prefetch if workers else None)
     labeler = ShardLabeler(teacher, cfg.mode, job.grid.boxes(), cfg.topk, cfg.batch_size,
                            cfg.pseudo_threshold if job.labeler.source.kind == "none" else None,
-                           cfg.encoding, cfg.embed_dtype)
+                           cfg.encoding, cfg.embed_dtype, cfg.flip_labels)
     rows_done = store.shard_num_rows()[store.shards_done()]
     per_shard = float(rows_done.mean()) if len(rows_done) else float(store.layout.shard_capacity)
     bar = _Progress(progress, len(shards), per_shard)
@@ -755,7 +773,8 @@ def run_precompute(cfg: PrecomputeConfig, log: Callable[[str], None] = print) ->
             done[redo["shards"]] = False
             mine = [s for s in range(d.rank, len(job.urls), d.world) if not done[s]]
             say(f"precompute: {len(job.urls)} shards, {int(done.sum())} already done, "
-                f"{sum(d.gather(len(mine)))} to label ({cfg.mode}, grid {job.grid.spec} K={job.grid.num_boxes}, "
+                f"{sum(d.gather(len(mine)))} to label ({cfg.mode}, grid {job.grid.spec} K={job.grid.num_boxes}"
+                f"{' + mirror rows' if cfg.flip_labels else ''}, "
                 f"teacher {job.teacher.model_name} on {job.teacher.device}, engine {job.teacher.engine(cfg.mode).name})")
             counts = label_shards(job, store, mine, progress=cfg.progress and d.rank == 0)
             merged = _merge_counts(d.gather(counts))

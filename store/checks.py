@@ -20,6 +20,8 @@ from .schema import (
     STATUS_MISSING,
     StoreError,
     StoreMismatchError,
+    crop_rows,
+    flip_labels,
     row_arrays,
 )
 from .topk import decode_topk
@@ -244,8 +246,8 @@ def verify_store(path: str | Path, chunk_shards: int = 16) -> list[str]:
         if ("text_tower" in emb) == ("head" in emb):
             problems.append("encoding.embedding names neither a text tower nor a classifier head (or both)")
     try:
-        if len(get_attr(store.attrs, "grid.boxes")) != lay.num_crops:
-            problems.append("grid.boxes does not have layout.num_crops boxes")
+        if crop_rows(len(get_attr(store.attrs, "grid.boxes")), flip_labels(store.attrs)) != lay.num_crops:
+            problems.append("grid.boxes (with grid.flip_labels) does not make layout.num_crops crop rows")
         if len(get_attr(store.attrs, "vocabulary.names")) != lay.num_classes:
             problems.append("vocabulary.names does not have layout.num_classes names")
     except KeyError:

@@ -32,6 +32,7 @@ from .schema import (
     StoreError,
     StoreExistsError,
     StoreLayout,
+    crop_rows,
     row_arrays,
 )
 
@@ -235,6 +236,7 @@ class LabelStore:
         text_embeddings: tuple[np.ndarray, dict[str, Any]] | None = None,
         embedding: dict[str, Any] | None = None,
         classifier_head: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        flip_labels: bool = False,
     ) -> "LabelStore":
         """Create an empty store (with the teacher's ``text_embeddings``, (C, D) and their fingerprint,
         when given). An existing store is replaced only with ``overwrite=True``; a non-empty directory that
@@ -259,8 +261,9 @@ class LabelStore:
         if residual not in RESIDUAL_POLICIES:
             raise StoreError(f"residual policy must be one of {RESIDUAL_POLICIES}, got {residual!r}")
         boxes = np.asarray(grid_boxes, dtype=np.float64).reshape(-1, 4)
-        if len(boxes) != layout.num_crops:
-            raise StoreError(f"grid has {len(boxes)} boxes but layout.num_crops is {layout.num_crops}")
+        if crop_rows(len(boxes), flip_labels) != layout.num_crops:
+            raise StoreError(f"grid has {len(boxes)} boxes{' (+ mirror rows)' if flip_labels else ''} but "
+                             f"layout.num_crops is {layout.num_crops}")
         if len(vocabulary) != layout.num_classes:
             raise StoreError(f"vocabulary has {len(vocabulary)} names but layout.num_classes is {layout.num_classes}")
         replace = False
@@ -274,7 +277,8 @@ class LabelStore:
         build = path.parent / f"{_BUILD_PREFIX.format(name=path.name)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             store = cls._build(build, layout, teacher=teacher, vocabulary=vocabulary, grid_spec=grid_spec, boxes=boxes,
-                               residual=residual, source=source, extra=extra, embedding=embedding)
+                               residual=residual, source=source, extra=extra, embedding=embedding,
+                               flip_labels=flip_labels)
             if text_embeddings is not None:
                 store.write_text_embeddings(*text_embeddings)
             if classifier_head is not None:
@@ -288,13 +292,14 @@ class LabelStore:
     @classmethod
     def _build(cls, path: Path, layout: StoreLayout, *, teacher: dict[str, Any], vocabulary: list[str],
                grid_spec: str, boxes: np.ndarray, residual: str, source: dict[str, Any] | None,
-               extra: dict[str, Any] | None, embedding: dict[str, Any] | None = None) -> "LabelStore":
+               extra: dict[str, Any] | None, embedding: dict[str, Any] | None = None,
+               flip_labels: bool = False) -> "LabelStore":
         attrs = {
             "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
             "layout": dataclasses.asdict(layout),
             "teacher": teacher,
             "vocabulary": {"names": list(vocabulary), "sha256": vocabulary_sha256(list(vocabulary))},
-            "grid": {"spec": grid_spec, "boxes": boxes.tolist()},
+            "grid": {"spec": grid_spec, "boxes": boxes.tolist(), "flip_labels": bool(flip_labels)},
             "encoding": _encoding_attrs(layout, residual, embedding),
             "source": dict(source or {}),
             "lt_distill_version": __version__,

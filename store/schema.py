@@ -8,7 +8,8 @@ A store is one Zarr v3 group::
     rows/hard_label(N,)        int32    mapped hard label, -1 when none
     rows/reason    (N,)        uint8    failure reason code (0 when done)
     rows/status    (N,)        uint8    0 missing, 1 done, 2 failed      <- written last
-    labels/index   (N, K, k)   int16    top-k class indices per grid crop (-1 = empty)
+    labels/index   (N, K, k)   int16    top-k class indices per grid crop (-1 = empty); K counts crop rows:
+                                        the grid boxes, then their mirror rows when grid.flip_labels
     labels/prob    (N, K, k)   float16  their probabilities, descending  <- written first
     labels/embedding       (N, K, D) int8|float16  embedding encoding: the crops' teacher image embeddings
     labels/embedding_scale (N, K)    float16       int8 only: one scale per crop
@@ -111,6 +112,18 @@ class StoreMismatchError(StoreError):
 
 class ShardLockedError(StoreError):
     """Another live process is writing the same shard."""
+
+
+def crop_rows(num_boxes: int, flip_labels: bool) -> int:
+    """Label rows per image (``layout.num_crops``) for a grid of ``num_boxes`` boxes: rows 0..K-1 the grid
+    boxes; with ``flip_labels`` also rows K..2K-1, box j cut and then mirrored (the teacher's view of a
+    horizontally flipped tile of box j, which for a real teacher is not the unflipped crop's label)."""
+    return num_boxes * (2 if flip_labels else 1)
+
+
+def flip_labels(attrs: dict) -> bool:
+    """Whether a store's attributes say it holds mirror rows (stores made before them do not)."""
+    return bool(attrs.get("grid", {}).get("flip_labels", False))
 
 
 @dataclasses.dataclass(frozen=True)

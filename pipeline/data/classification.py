@@ -230,7 +230,8 @@ class ClassificationDataset(IterableDataset):
                 continue
             rows[i] = (info["shard"], info["position"])
             if isinstance(self.labels, CropSoftLabels):
-                s, m = self.labels(info["shard"], info["position"], target["regions"][i:i + 1])
+                s, m = self.labels(info["shard"], info["position"], target["regions"][i:i + 1],
+                                   target["flipped"][i:i + 1])
                 soft[i], mask[i] = s[0], m[0]
         image, target = T.normalize(image, target, self.pixel_mean, self.pixel_std)
         out = {
@@ -242,7 +243,7 @@ class ClassificationDataset(IterableDataset):
         }
         if isinstance(self.labels, CropEmbeddings):  # decoded on the training device (pipeline.data.embedding)
             del out["soft_labels"]
-            out.update(self.labels.tiles(rows, target["regions"]))
+            out.update(self.labels.tiles(rows, target["regions"], target["flipped"]))
         return image, out
 
     # ------------------------------------------------------------------ iteration

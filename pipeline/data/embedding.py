@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...store import LabelReader
+from ...store import LabelReader, flip_labels
 from ..grid import MATCH_MODES, match_crops
 
 EMBED_KEYS = ("soft_embed", "soft_embed_scale", "soft_embed_weight")
@@ -47,7 +47,8 @@ class CropEmbeddings:
     ``regions`` (n, 4) normalised xyxy in each tile's original image returns the target fields above as
     tensors (M = 1, or every weighted crop of a tile for ``interp``; shorter rows padded with weight 0).
     ``exact``/``nearest`` give the one matched crop's codes
-    (bit for bit as stored); a row that is not done or a match below ``iou_threshold`` is masked."""
+    (bit for bit as stored); a row that is not done or a match below ``iou_threshold`` is masked.
+    ``flipped`` (n,) bool: on a store with mirror rows a flipped tile gets the mirror rows' codes."""
 
     def __init__(self, reader: LabelReader, num_classes: int, mode: str = "nearest", iou_threshold: float = 0.5,
                  top_n: int = 4) -> None:
@@ -58,9 +59,13 @@ class CropEmbeddings:
         self.mode, self.iou_threshold, self.top_n = mode, iou_threshold, top_n
         self.grid_boxes = np.asarray(reader.attrs["grid"]["boxes"], dtype=np.float64)
         self.dim, self.dtype = reader.layout.embed_dim, reader.layout.embed_dtype
+        # A flipped tile reads the mirror rows (row K + j: box j mirrored) of a store that has them.
+        self.mirror_offset = len(self.grid_boxes) if flip_labels(reader.attrs) else 0
 
-    def tiles(self, rows: np.ndarray, regions: np.ndarray) -> dict[str, torch.Tensor]:
+    def tiles(self, rows: np.ndarray, regions: np.ndarray, flipped: np.ndarray | None = None
+              ) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        flipped = np.zeros(len(rows), bool) if flipped is None else np.asarray(flipped, dtype=bool).reshape(-1)
         regions = np.asarray(regions, dtype=np.float64).reshape(-1, 4)
         found = []
         for i, (shard, position) in enumerate(rows):
@@ -77,9 +82,10 @@ class CropEmbeddings:
         out = _empty(len(rows), max([len(f[4]) for f in found] + [1]), self.dim, self.dtype)
         for i, codes, scale, weights, cols in found:
             m = len(cols)
-            out["soft_embed"][i, :m] = codes[cols]
+            stored = cols + (self.mirror_offset if flipped[i] else 0)
+            out["soft_embed"][i, :m] = codes[stored]
             if scale is not None:
-                out["soft_embed_scale"][i, :m] = scale[cols]
+                out["soft_embed_scale"][i, :m] = scale[stored]
             out["soft_embed_weight"][i, :m] = weights[cols]
             out["soft_mask"][i] = True
         return _as_tensors(out)

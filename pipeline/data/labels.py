@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...store import LabelReader, check_compatible, vocabulary_sha256
+from ...store import LabelReader, check_compatible, flip_labels, vocabulary_sha256
 from ..grid import MATCH_MODES, GridSpec, match_crops
 from ..vocab import class_list_sha256, load_class_list
 
@@ -42,7 +42,11 @@ class CropSoftLabels:
     and ``mask`` bool (n,): False when the row is not done or the match is below the IoU threshold
     (or, in ``exact`` mode, the region is not a grid box). ``exact`` and ``nearest`` return the
     stored label of one grid crop, decoded, bit for bit; ``interp`` the IoU-weighted mixture of
-    the best ``top_n`` crops."""
+    the best ``top_n`` crops.
+
+    ``flipped`` (n,) bool, optional: which regions are shown mirrored. On a store with mirror rows
+    (``grid.flip_labels``: row K + j is grid box j mirrored) a flipped region reads the mirror rows, with the
+    weights matching gives over the K boxes; a store without them ignores it (the unflipped label)."""
 
     def __init__(self, reader: LabelReader, mode: str = "nearest", iou_threshold: float = 0.5,
                  top_n: int = 4) -> None:
@@ -54,9 +58,15 @@ class CropSoftLabels:
         self.top_n = top_n
         self.grid_boxes = np.asarray(reader.attrs["grid"]["boxes"], dtype=np.float64)
         self.num_classes = reader.layout.num_classes
+        # Row offset of a flipped region's labels: K on a store with mirror rows, else 0 (no flip labels).
+        self.mirror_offset = len(self.grid_boxes) if flip_labels(reader.attrs) else 0
 
-    def __call__(self, shard: int, position: int, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, shard: int, position: int, regions: np.ndarray,
+                 flipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         regions = np.asarray(regions, dtype=np.float64).reshape(-1, 4)
+        offset = np.zeros(len(regions), dtype=np.int64)
+        if flipped is not None:
+            offset = np.where(np.asarray(flipped, dtype=bool).reshape(-1), self.mirror_offset, 0)
         soft = np.zeros((len(regions), self.num_classes), dtype=np.float32)
         index, prob, valid = self.reader.labels(shard, position)
         if not valid:
@@ -64,7 +74,8 @@ class CropSoftLabels:
         weights, ok = match_crops(regions, self.grid_boxes, self.mode, self.iou_threshold, self.top_n)
         for i in np.nonzero(ok)[0]:
             cols = np.nonzero(weights[i])[0]
-            full = self.reader.decode(index[cols], prob[cols])  # (m, C) float32
+            rows = cols + offset[i]
+            full = self.reader.decode(index[rows], prob[rows])  # (m, C) float32
             soft[i] = full[0] if len(cols) == 1 else (weights[i, cols, None] * full).sum(0)
         return soft, ok
 

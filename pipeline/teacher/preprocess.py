@@ -146,31 +146,57 @@ class Normalize(torch.nn.Module):
 
 
 class GridCrops:
-    """``image -> (K, 3, size, size)`` uint8: every grid box cut and resized (a picklable worker transform)."""
+    """``image -> (K, 3, size, size)`` uint8: every grid box cut and resized (a picklable worker transform).
 
-    def __init__(self, boxes: np.ndarray, size: "int | Preprocess") -> None:
+    ``mirror``: (2K, 3, size, size), rows K..2K-1 box j cut, mirrored, then resized: the teacher's view of a
+    horizontally flipped tile of box j (the augmentation flips the tile before it is resized, so the
+    mirror comes first here too)."""
+
+    def __init__(self, boxes: np.ndarray, size: "int | Preprocess", mirror: bool = False) -> None:
         self.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         self.pre = as_preprocess(size)
         self.size = self.pre.size
+        self.mirror = mirror
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         return (3, self.size, self.size)
 
     def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return crop_and_resize(image, self.boxes, self.pre)
+        if not self.mirror:
+            return crop_and_resize(image, self.boxes, self.pre)
+        return mirrored_crops(as_chw_uint8(image), self.boxes, self.pre)
+
+
+def mirrored_crops(chw: torch.Tensor, boxes: np.ndarray, size: "int | Preprocess") -> torch.Tensor:
+    """(3, H, W) image, (K, 4) normalised boxes -> (2K, 3, S, S): the K crops of :func:`cut_and_resize`, then
+    each box's pixels mirrored left-right before the resize (the same whole-pixel box, flipped)."""
+    pre = as_preprocess(size)
+    _, h, w = chw.shape
+    px = pixel_boxes(boxes, w, h)
+    out = chw.new_empty((2 * len(px), 3, pre.size, pre.size))
+    for i, (x0, y0, x1, y1) in enumerate(px.tolist()):
+        cut = chw[:, y0:y1, x0:x1].unsqueeze(0)
+        out[i] = resize_to_input(cut, pre)[0]
+        out[len(px) + i] = resize_to_input(cut.flip(-1), pre)[0]
+    return out
 
 
 class WholeImage:
-    """``image -> (1, 3, size, size)`` uint8: the whole image resized (the pooled path's worker transform)."""
+    """``image -> (1, 3, size, size)`` uint8: the whole image resized (the pooled path's worker transform);
+    ``mirror``: (2, 3, size, size), then the mirrored image resized (its boxes are mirrored too)."""
 
-    def __init__(self, size: "int | Preprocess") -> None:
+    def __init__(self, size: "int | Preprocess", mirror: bool = False) -> None:
         self.pre = as_preprocess(size)
         self.size = self.pre.size
+        self.mirror = mirror
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         return (3, self.size, self.size)
 
     def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return resize_image(image, self.pre)[None]
+        if not self.mirror:
+            return resize_image(image, self.pre)[None]
+        chw = as_chw_uint8(image)
+        return torch.stack([resize_image(chw, self.pre), resize_image(chw.flip(-1), self.pre)])
