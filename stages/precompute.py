@@ -400,8 +400,9 @@ def open_or_create_store(job: Job, d: Dist) -> LabelStore:
         def create() -> None:
             prov = job.teacher.provenance(cfg.mode)
             embed = cfg.encoding != "topk"
-            layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity, num_crops=crop_rows(job.grid.num_boxes, cfg.flip_labels),
-                                 topk=_layout_topk(cfg), num_classes=len(job.teacher.vocabulary),
+            layout = StoreLayout(num_shards=len(job.urls), shard_capacity=capacity,
+                                 num_crops=crop_rows(job.grid.num_boxes, cfg.flip_labels), topk=_layout_topk(cfg),
+                                 num_classes=len(job.teacher.vocabulary),
                                  embed_dim=_embedding_dim(job.teacher) if embed else 0, embed_dtype=cfg.embed_dtype)
             try:
                 LabelStore.create(

@@ -37,7 +37,8 @@ from .topk import decode_topk, encode_topk, kl_divergence, residual_mass
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "REASONS", "REASON_CODES", "STATUS_DONE", "STATUS_FAILED", "STATUS_MISSING",
     "LabelReader", "LabelStore", "ObjectBlock", "ShardLock", "ShardLockedError", "ShardResult", "StoreError", "StoreExistsError",
-    "StoreLayout", "StoreMismatchError", "check_compatible", "crop_rows", "flip_labels", "damaged_shards", "decode_topk", "encode_topk", "get_attr",
+    "StoreLayout", "StoreMismatchError", "check_compatible", "damaged_shards", "decode_topk", "encode_topk", "get_attr",
+    "crop_rows", "flip_labels",
     "is_label_store", "kl_divergence", "residual_mass", "store_bytes", "store_info", "store_stats",
     "verify_store", "vocabulary_sha256",
     "CLASSIFIER_SPACE", "CLIP_SPACE", "EMBED_DTYPES", "ENCODINGS", "bytes_per_image", "decode_classifier",

@@ -103,7 +103,8 @@ def test_pooled_store_mirror_rows_use_the_mirrored_image_and_boxes(shards, teach
 
     def reference(image: np.ndarray) -> np.ndarray:
         mirrored = np.ascontiguousarray(image[:, ::-1])
-        return torch.cat([teacher.score_pooled(image, boxes), teacher.score_pooled(mirrored, mirror_boxes(boxes))]).numpy()
+        return torch.cat([teacher.score_pooled(image, boxes),
+                          teacher.score_pooled(mirrored, mirror_boxes(boxes))]).numpy()
 
     assert check_rows(tmp_path / "pooled", shards, reference) == 6
 
@@ -242,7 +243,8 @@ def test_the_classification_dataset_passes_the_flip_of_every_tile(stores):
             shard, pos = target["rows"][i].tolist()
             j = np.nonzero((np.abs(grid - target["regions"][i].numpy()) < 1e-12).all(axis=1))[0][0]
             flipped = bool(target["flipped"][i])
-            assert np.array_equal(target["soft_labels"][i].numpy(), decoded(reader, shard, pos)[j + len(grid) * flipped])
+            want = decoded(reader, shard, pos)[j + len(grid) * flipped]
+            assert np.array_equal(target["soft_labels"][i].numpy(), want)
             seen[flipped] += 1
     assert seen[True] >= 2 and seen[False] >= 2
 
@@ -252,9 +254,10 @@ def test_crop_embeddings_read_mirror_rows(tmp_path):
     layout = StoreLayout(num_shards=1, shard_capacity=2, num_crops=2 * k, topk=0, num_classes=NUM_CLASSES,
                          embed_dim=dim, embed_dtype="float16")
     spec = GridSpec.parse("default")
-    store = LabelStore.create(tmp_path / "e", layout, teacher={"model": "synthetic"}, vocabulary=S.class_names(NUM_CLASSES),
-                              grid_spec=spec.spec, grid_boxes=spec.boxes(), flip_labels=True,
-                              embedding={"logit_scale": 100.0, "temperature": 1.0, "text_tower": {"model": "synthetic"}})
+    store = LabelStore.create(tmp_path / "e", layout, teacher={"model": "synthetic"},
+                              vocabulary=S.class_names(NUM_CLASSES), grid_spec=spec.spec, grid_boxes=spec.boxes(),
+                              flip_labels=True, embedding={"logit_scale": 100.0, "temperature": 1.0,
+                                                           "text_tower": {"model": "synthetic"}})
     codes = np.random.default_rng(0).standard_normal((2, 2 * k, dim)).astype(np.float16)
     store.write_shard(0, ShardResult(keys=["a", "b"], sizes=np.full((2, 2), 64, np.int32), hard_labels=np.zeros(2),
                                      status=np.full(2, STATUS_DONE, np.uint8), reasons=np.zeros(2, np.uint8),
