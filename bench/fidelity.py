@@ -41,7 +41,7 @@ from ..pipeline.data.classification import decode_sample_image
 from ..pipeline.data.online import OnlineSoftLabeler, cxcywh_to_xyxy
 from ..pipeline.grid import MATCH_MODES, match_crops
 from ..pipeline.shards import expand_shards, iter_tar_samples
-from ..pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize
+from ..pipeline.teacher import GridCrops, TeacherConfig, build_teacher, crop_and_resize
 from ..pipeline.teacher.classifier import CLASSIFIER_MODELS, packaged_weights
 from ..pipeline.teacher.model import Teacher
 from ..pipeline.vocab import TEMPLATE_SETS, load_vocabulary
@@ -186,9 +186,9 @@ class _LosslessLabels:
     def _grid_probs(self, shard: int, row: int, mirrored: bool) -> np.ndarray:
         key = (shard, row, mirrored)
         if key not in self.probs:
-            crops = crop_and_resize(self.images[(shard, row)], self.grid_boxes, _preprocess(self.teacher))
-            if mirrored:
-                crops = crops.flip(-1)
+            # the mirrored crops as precompute --flip-labels cuts them (mirrored before the resize)
+            crops = GridCrops(self.grid_boxes, _preprocess(self.teacher), mirror=mirrored)(self.images[(shard, row)])
+            crops = crops[len(self.grid_boxes):] if mirrored else crops
             self.probs[key] = self.teacher.score_crop_batch(crops).float().cpu().numpy().astype(np.float64)
         return self.probs[key]
 

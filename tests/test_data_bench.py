@@ -28,7 +28,7 @@ from lt_distill.pipeline.data import (
 from lt_distill.pipeline.data import synthetic as S
 from lt_distill.pipeline.data.online import OnlineSoftLabeler
 from lt_distill.pipeline.data.transforms import normalize
-from lt_distill.pipeline.grid import GridSpec, box_iou
+from lt_distill.pipeline.grid import GridSpec, box_iou, mirror_boxes
 from lt_distill.pipeline.shards import iter_tar_samples
 from lt_distill.pipeline.teacher import TeacherConfig, build_teacher, crop_and_resize, decode_image
 from lt_distill.store import LabelReader, LabelStore, ShardResult, StoreError, StoreLayout, StoreMismatchError, encode_topk
@@ -117,7 +117,8 @@ def test_lossless_labels_are_the_scorer_on_the_matched_grid_crops():
     lossless.watch(dataset)
     dataset.decode(1, 0, None)
     crops = crop_and_resize(image, grid, scorer.input_size)
-    full, mirrored = scorer.score_crop_batch(crops).numpy(), scorer.score_crop_batch(crops.flip(-1)).numpy()
+    full = scorer.score_crop_batch(crops).numpy()
+    mirrored = scorer.score_crop_batch(crop_and_resize(image.flip(-1), mirror_boxes(grid), scorer.input_size)).numpy()
     regions = np.stack([grid[3], (grid[1] + grid[2]) / 2])  # a grid box, and a region between two boxes
     rows = np.array([[1, 5], [1, 5]])
     out = lossless(rows, regions, np.array([False, True]))
