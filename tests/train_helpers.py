@@ -105,3 +105,34 @@ def run_torchrun(base, work, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(Path(work) / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def check_decoded_soft_labels(data, reference, num_classes, *, atol, rtol=0.0, rows_sum_to_one=False):
+    """Walk a run's loader (``build_train_data``) until detection and classification batches both carried soft
+    labels; every target's device-decoded soft labels must equal ``reference(batch)`` (one (n, C) array per
+    target). ``rows_sum_to_one``: valid rows are distributions."""
+    from lt_distill.stages.train.loop import move_batch
+
+    seen = {"detection": 0, "classification": 0}
+    for batch in data.loader:
+        batch = data.embedded(move_batch(batch, "cpu"))
+        for t, ref in zip(batch["targets"], reference(batch)):
+            assert t["soft_labels"].shape == (len(t["labels"]), num_classes)
+            np.testing.assert_allclose(t["soft_labels"].numpy(), ref, rtol=rtol, atol=atol)
+            mask = t["soft_mask"]
+            if rows_sum_to_one:
+                torch.testing.assert_close(t["soft_labels"][mask].sum(-1), torch.ones(int(mask.sum())))
+            seen[batch["source"]] += int(mask.sum())
+        if min(seen.values()) > 0:
+            break
+    assert min(seen.values()) > 0, seen
+
+
+def train_two_steps(cfg):
+    """Train ``cfg`` (max_iters 2): finite losses, a positive semantic loss, a final model file."""
+    from lt_distill.stages.train.loop import train
+
+    steps = []
+    result = train(cfg, on_step=lambda it, v: steps.append(v))
+    assert len(steps) == 2 and all(np.isfinite(v["loss"]) and v["loss_semantic"] > 0 for v in steps)
+    assert result.final_model.is_file()
