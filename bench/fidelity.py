@@ -9,9 +9,12 @@ is then scored twice:
   resized exactly as precompute cuts its crops),
 * cached: the soft label the loader attached (grid label(s) matched to the tile's tracked region),
 
-and we report, per mode and separately for flipped and unflipped tiles, the top-1 agreement and the
-mean KL(online || cached) over tiles with a valid match, plus the share of tiles masked by the IoU
-threshold. Two references on the same tiles: the image's whole-image label (grid box 0: what an
+and we report, per mode and separately for flipped and unflipped tiles, the top-1 agreement (also on the
+"confident" tiles alone, online top-1 >= 0.5) and the mean KL(online || cached) over tiles with a valid
+match, plus the share of tiles masked by the IoU threshold. Two more rows split the gap: a *lossless* label
+(the teacher's full distribution on the matched grid crops of the original image: no storage loss) and a
+*flip-aware* lossless label (mirrored crops for flipped tiles); what they leave is the tile's own pixels
+(resampling, flips), what they remove is storage. Two references on the same tiles: the image's whole-image label (grid box 0: what an
 image-level label store would give) and another image's whole-image label (a control: when the teacher
 agrees with that too, it is not looking at the image — e.g. random weights — and the figures mean
 nothing; the table then says so).
