@@ -39,7 +39,6 @@ import torch
 
 from ..vocab import Vocabulary, WnidMapper, imagenet1k_vocabulary
 from .config import TeacherConfig
-from .engines import Engine
 from .model import (
     RANDOM_INIT_VERSION,
     TeacherEngines,
@@ -224,19 +223,10 @@ class ClassifierTeacher(TeacherEngines):
                  weights_file: str | None = None) -> None:
         spec = CLASSIFIER_MODELS[model_name]
         self.spec = spec
-        self.device = torch.device(device)
-        self.precision = precision
-        self.requested_engine = engine
-        self.model_name = model_name
-        self.weights_id = weights_id
-        self.weights_file = weights_file
+        super().__init__(model, model_name=model_name, weights_id=weights_id, weights_file=weights_file,
+                         vocabulary=vocabulary, temperature=temperature, device=device, precision=precision,
+                         engine=engine, crop_batch=crop_batch, pooled_batch=pooled_batch, engine_cache=engine_cache)
         self.label_space = label_space
-        self.vocabulary = vocabulary
-        self.temperature = float(temperature)
-        self.crop_batch = crop_batch
-        self.pooled_batch = pooled_batch
-        self.engine_cache = Path(engine_cache) if engine_cache else None
-        self.model = model.eval().requires_grad_(False).to(self.device)
         self.input_size = spec.input_size
         self.normalize = Normalize(spec.mean, spec.std).to(self.device)
         self.roi_size = self.input_size // 32
@@ -257,7 +247,6 @@ class ClassifierTeacher(TeacherEngines):
         self.embedding_dim = int(self.head.in_features)
         self.fingerprint = self._fingerprint()
         self._modules = {"crops": PenultimateFeatures(self.model), "pooled": FeatureTrunk(self.model)}
-        self._engines: dict[str, Engine] = {}
 
     # ------------------------------------------------------------------ provenance
     def _fingerprint(self) -> dict[str, Any]:

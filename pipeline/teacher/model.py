@@ -198,14 +198,30 @@ class TeacherEngines:
     once: eager, or compiled / TensorRT with the parity check) and scoring (crops and pooled boxes -> features
     -> soft labels).
 
-    A family sets ``family``, ``supports_pooled``, ``requested_engine``, ``device``, ``precision``,
-    ``input_size`` / ``crop_batch`` (crops), ``pooled_size`` / ``pooled_batch`` (pooled), ``normalize``,
-    ``engine_cache``, ``model_name``, ``weights_id``, ``_modules`` (mode -> module) and ``_engines`` ({}), and
+    The constructor keeps what every family has; a family then sets ``family``, ``supports_pooled``,
+    ``input_size`` (crops), ``pooled_size`` (pooled), ``normalize`` and ``_modules`` (mode -> module), and
     gives three hooks: the parity metric of its outputs (:meth:`_parity_metric`: what a compiled engine must
     reproduce), the pooling of a RoIAligned box (:meth:`_pool_region`) and :meth:`probs_from_features`."""
 
     family = ""  # each family names itself
     pooled_requirement = "a teacher with a pooled path"
+
+    def __init__(self, model: torch.nn.Module, *, model_name: str, weights_id: str, weights_file: str | None,
+                 vocabulary: Vocabulary, temperature: float, device: torch.device | str, precision: str,
+                 engine: str, crop_batch: int, pooled_batch: int, engine_cache: str | Path | None) -> None:
+        self.device = torch.device(device)
+        self.precision = precision
+        self.requested_engine = engine
+        self.model_name = model_name
+        self.weights_id = weights_id
+        self.weights_file = weights_file
+        self.vocabulary = vocabulary
+        self.temperature = float(temperature)
+        self.crop_batch = crop_batch
+        self.pooled_batch = pooled_batch
+        self.engine_cache = Path(engine_cache) if engine_cache else None
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self._engines: dict[str, Engine] = {}
 
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -317,22 +333,12 @@ class Teacher(TeacherEngines):
                  pooled_size: int = 0, crop_batch: int = 256, pooled_batch: int = 8, text_batch: int = 1024,
                  engine_cache: str | Path | None = None, weights_file: str | None = None,
                  text_cache: str | Path | None = None, pretrained: str | None = None) -> None:
-        self.device = torch.device(device)
-        self.precision = precision
-        self.requested_engine = engine
-        self.model_name = model_name
-        self.weights_id = weights_id
-        self.weights_file = weights_file
+        super().__init__(model, model_name=model_name, weights_id=weights_id, weights_file=weights_file,
+                         vocabulary=vocabulary, temperature=temperature, device=device, precision=precision,
+                         engine=engine, crop_batch=crop_batch, pooled_batch=pooled_batch, engine_cache=engine_cache)
         self.pretrained = pretrained
-        self.vocabulary = vocabulary
         self.templates = tuple(templates)
         self.synonyms = synonyms
-        self.temperature = float(temperature)
-        self.crop_batch = crop_batch
-        self.pooled_batch = pooled_batch
-        self.engine_cache = Path(engine_cache) if engine_cache else None
-
-        self.model = model.eval().requires_grad_(False).to(self.device)
         visual = self.model.visual
         size = visual.image_size
         self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -360,7 +366,6 @@ class Teacher(TeacherEngines):
         self._modules = {"crops": CropEncoder(visual)}
         if self.supports_pooled:
             self._modules["pooled"] = ResNetTrunk(visual)
-        self._engines: dict[str, Engine] = {}
 
     # ------------------------------------------------------------------ provenance
     def _fingerprint(self) -> dict[str, Any]:
